@@ -1,0 +1,136 @@
+"""The `llmconsole` command line (typer). Errors print one line, never a traceback."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import typer
+from rich.console import Console
+
+from llmconsole.core.config import ConfigError, EngineConfig
+
+from .flags import engine_flags
+
+app = typer.Typer(
+    name="llmconsole",
+    help="An operator's console for LLM serving, on its own paged-KV engine.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+bench_app = typer.Typer(help="Benchmarks: speed is measured, never asserted.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+err = Console(stderr=True)
+
+
+class CliError(Exception):
+    """A user-facing failure: printed as one line, exit status 2."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from llmconsole.core.engine import RequestError
+    from llmconsole.core.models.errors import ModelNotFoundError, UnsupportedModelError
+
+    return (CliError, ConfigError, RequestError, ModelNotFoundError, UnsupportedModelError)
+
+
+def start_engine(config: EngineConfig, quiet: bool = False) -> Any:
+    """Load the engine with a progress line on stderr."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from llmconsole.core import Engine
+
+    if quiet:
+        return Engine(config)
+    columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task("loading model", total=1.0)
+
+        def progress(stage: str, fraction: float) -> None:
+            bar.update(task, description=stage, completed=fraction)
+
+        return Engine(config, progress=progress)
+
+
+@app.command()
+@engine_flags
+def generate(
+    prompt: str = typer.Argument(..., help="the prompt"),
+    max_tokens: int = typer.Option(128, help="most tokens to generate"),
+    temperature: float = typer.Option(0.0, help="0 = greedy"),
+    top_p: float = typer.Option(1.0),
+    top_k: int = typer.Option(-1),
+    sampling_seed: int | None = typer.Option(None, help="per-request sampling seed"),
+    stop: list[str] = typer.Option([], help="stop string (repeatable)"),
+    chat: bool = typer.Option(True, help="wrap the prompt in the model's chat template"),
+    *,
+    config: EngineConfig,
+) -> None:
+    """Stream one answer to the terminal."""
+    from llmconsole.core import SamplingParams
+
+    params = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=sampling_seed,
+        stop=tuple(stop),
+    )
+    engine = start_engine(config)
+    try:
+        use_chat = chat and getattr(engine.tokenizer, "chat_template", None)
+        ids = engine.apply_chat_template([{"role": "user", "content": prompt}]) if use_chat else prompt
+        out = Console()
+        final = None
+        for delta in engine.submit(ids, params):
+            out.print(delta.text, end="", soft_wrap=True, highlight=False, markup=False)
+            final = delta
+        out.print()
+        if final is not None and final.error:
+            raise CliError(final.error)
+        if final is not None and final.usage is not None:
+            err.print(
+                f"[dim]{final.usage.prompt_tokens} prompt + {final.usage.completion_tokens} "
+                f"generated tokens, finish: {final.finish_reason}[/dim]"
+            )
+    finally:
+        engine.shutdown()
+
+
+def _register_bench() -> None:
+    from .bench import register
+
+    register(bench_app, engine_flags, start_engine)
+
+
+def run(fn: Callable[[], Any]) -> int:
+    import click
+
+    try:
+        fn()
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Abort:
+        return 130
+    except _user_errors() as exc:
+        err.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def main() -> None:
+    _register_bench()
+    sys.exit(run(lambda: app(standalone_mode=False)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+"""llmconsole.core: the serving engine and its API; never imports the console."""
+
+from .config import ConfigError, EngineConfig
+from .engine import Engine, RequestError
+from .outputs import Delta, GenerationResult, RequestHandle, Usage
+from .sampling_params import SamplingParams
+from .telemetry import EngineEvent, RequestRecord, StepRecord
+
+__all__ = [
+    "ConfigError",
+    "Delta",
+    "Engine",
+    "EngineConfig",
+    "EngineEvent",
+    "GenerationResult",
+    "RequestError",
+    "RequestHandle",
+    "RequestRecord",
+    "SamplingParams",
+    "StepRecord",
+    "Usage",
+]

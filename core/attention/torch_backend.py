@@ -1,0 +1,77 @@
+"""Reference attention: torch SDPA over KV gathered from the paged pool (CPU and GPU).
+
+The ragged batch is padded to [B, max_extend] queries and [B, max_kv] keys once per step (in
+`plan`); every layer then does one gather and one SDPA call, never a Python loop over requests.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base import AttentionBackend, AttentionInputs
+
+
+class TorchAttention(AttentionBackend):
+    def plan(self, inputs: AttentionInputs) -> None:
+        device = self.pool.device
+        extend = inputs.extend_lens
+        prefix = inputs.prefix_lens
+        bsz = inputs.batch_size
+        max_extend = int(extend.max())
+        kv_lens = inputs.kv_lens
+        max_kv = int(inputs.kv_slots.shape[1])
+        num_tokens = int(extend.sum())
+        self._write_slots = inputs.write_slots.to(device, non_blocking=True)
+        self._kv_slots = inputs.kv_slots.to(device, non_blocking=True)
+        key_pos = torch.arange(max_kv)
+        if inputs.is_decode:
+            self._q_index = None
+            self._out_index = None
+            # mask: [B, 1, 1, max_kv]
+            mask = (key_pos[None, :] < kv_lens[:, None])[:, None, None, :]
+        else:
+            q_off = torch.arange(max_extend)
+            valid_q = q_off[None, :] < extend[:, None]  # [B, Qmax]
+            starts = torch.cumsum(extend, 0) - extend
+            q_index = torch.where(valid_q, starts[:, None] + q_off[None, :], num_tokens)
+            q_pos = prefix[:, None] + q_off[None, :]  # [B, Qmax]
+            mask = key_pos[None, None, :] <= q_pos[:, :, None]  # [B, Qmax, Kmax], causal
+            mask &= key_pos[None, None, :] < kv_lens[:, None, None]
+            mask[:, :, 0] |= ~valid_q  # padded queries attend to slot 0 only, never NaN
+            mask = mask[:, None]
+            self._q_index = q_index.to(device)
+            self._out_index = (
+                (torch.arange(bsz)[:, None] * max_extend + q_off[None, :])[valid_q].to(device)
+            )
+        self._mask = mask.to(device)
+        self._shape = (bsz, max_extend)
+
+    def forward(
+        self,
+        layer_id: int,
+        q: torch.Tensor,  # [T, H, D]
+        k: torch.Tensor,  # [T, Hkv, D]
+        v: torch.Tensor,  # [T, Hkv, D]
+        scale: float,
+    ) -> torch.Tensor:
+        self.pool.write(layer_id, self._write_slots, k, v)
+        bsz, max_extend = self._shape
+        heads, head_dim = q.shape[1], q.shape[2]
+        keys = self.pool.k[layer_id][self._kv_slots].transpose(1, 2)  # [B, Hkv, Kmax, D]
+        values = self.pool.v[layer_id][self._kv_slots].transpose(1, 2)
+        if self._q_index is None:
+            queries = q[:, None]  # [B, 1, H, D]
+        else:
+            padded = torch.cat([q, q.new_zeros(1, heads, head_dim)])
+            queries = padded[self._q_index]  # [B, Qmax, H, D]
+        out = F.scaled_dot_product_attention(
+            queries.transpose(1, 2),
+            keys,
+            values,
+            attn_mask=self._mask,
+            scale=scale,
+            enable_gqa=keys.shape[1] != heads,
+        )  # [B, H, Qmax, D]
+        out = out.transpose(1, 2).reshape(bsz * max_extend, heads, head_dim)
+        return out if self._out_index is None else out[self._out_index]

@@ -1,0 +1,165 @@
+"""EngineConfig: every engine flag, frozen and validated once.
+
+Field names are SGLang's flags in snake_case (`--cuda-graph-max-bs` -> `cuda_graph_max_bs`). `None`
+means "auto"; `resolve()` turns the autos into concrete values for one device, once, and returns a new
+config (hot restart builds a new config the same way instead of mutating this one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+ATTENTION_BACKENDS = ("auto", "torch", "triton", "flashinfer", "fa3")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+LOAD_FORMATS = ("auto", "dummy")
+SPECULATIVE_ALGORITHMS = ("none", "ngram", "draft", "eagle", "eagle3")
+# SGLang spells some algorithms differently; accept its names too.
+_SPEC_ALIASES = {"standalone": "draft", "": "none"}
+
+CPU_DEFAULT_MAX_TOTAL_TOKENS = 32768
+CPU_DEFAULT_CHUNKED_PREFILL = 2048
+GPU_DEFAULT_CHUNKED_PREFILL = 8192
+
+
+class ConfigError(ValueError):
+    """An invalid flag value; the message names the flag as the CLI spells it."""
+
+
+def flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def cuda_graph_max_bs_for_memory(gpu_memory_gb: float) -> int:
+    """SGLang's default: the largest captured decode batch grows with GPU memory."""
+    if gpu_memory_gb < 20:
+        return 8
+    if gpu_memory_gb < 35:
+        return 24
+    if gpu_memory_gb < 60:
+        return 32
+    if gpu_memory_gb < 80 * 0.95:  # an "80 GB" card reports ~79.2 GiB
+        return 160
+    return 256
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str | None = None  # None = the default model (SmolLM2-135M-Instruct GGUF)
+    tokenizer_path: str | None = None
+    load_format: str = "auto"
+    device: str = "auto"
+    dtype: str = "auto"
+    seed: int = 0
+    # memory
+    page_size: int = 1
+    max_total_tokens: int | None = None  # KV pool size in tokens (CPU default; GPU derives it)
+    mem_fraction_static: float | None = None
+    context_length: int | None = None
+    # scheduling
+    max_running_requests: int | None = None
+    chunked_prefill_size: int | None = None  # -1 disables chunking
+    disable_radix_cache: bool = True
+    # GPU execution
+    attention_backend: str = "auto"
+    cuda_graph_max_bs: int | None = None
+    disable_cuda_graph: bool = False
+    # speculative decoding
+    speculative_algorithm: str = "none"
+    speculative_draft_model_path: str | None = None
+    speculative_num_steps: int | None = None
+    speculative_eagle_topk: int | None = None
+    speculative_num_draft_tokens: int | None = None
+    # server
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    # telemetry
+    telemetry_capacity: int = 65536
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        alg = (self.speculative_algorithm or "none").lower()
+        object.__setattr__(self, "speculative_algorithm", _SPEC_ALIASES.get(alg, alg))
+        self._check_choice("attention_backend", ATTENTION_BACKENDS)
+        self._check_choice("dtype", DTYPES)
+        self._check_choice("load_format", LOAD_FORMATS)
+        self._check_choice("speculative_algorithm", SPECULATIVE_ALGORITHMS)
+        if self.device != "auto" and not (
+            self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")
+        ):
+            raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        self._check_min("page_size", 1)
+        self._check_min("max_total_tokens", 16)
+        self._check_min("context_length", 2)
+        self._check_min("max_running_requests", 1)
+        self._check_min("cuda_graph_max_bs", 1)
+        self._check_min("speculative_num_steps", 1)
+        self._check_min("speculative_eagle_topk", 1)
+        self._check_min("speculative_num_draft_tokens", 1)
+        self._check_min("telemetry_capacity", 16)
+        if self.chunked_prefill_size is not None and not (
+            self.chunked_prefill_size == -1 or self.chunked_prefill_size >= 1
+        ):
+            raise ConfigError(
+                f"--chunked-prefill-size must be -1 (off) or >= 1, got {self.chunked_prefill_size}"
+            )
+        if self.mem_fraction_static is not None and not 0.0 < self.mem_fraction_static < 1.0:
+            raise ConfigError(
+                f"--mem-fraction-static must be in (0, 1), got {self.mem_fraction_static}"
+            )
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"--port must be in 0..65535, got {self.port}")
+
+    def _check_choice(self, name: str, choices: tuple[str, ...]) -> None:
+        value = getattr(self, name)
+        if value not in choices:
+            raise ConfigError(f"{flag_name(name)} must be one of {', '.join(choices)}; got {value!r}")
+
+    def _check_min(self, name: str, minimum: int) -> None:
+        value = getattr(self, name)
+        if value is not None and value < minimum:
+            raise ConfigError(f"{flag_name(name)} must be >= {minimum}, got {value}")
+
+    def replace(self, **changes: Any) -> EngineConfig:
+        """A new, re-validated config (configs are never mutated)."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ConfigError(f"unknown engine setting(s): {', '.join(sorted(unknown))}")
+        return dataclasses.replace(self, **changes)
+
+    def diff(self, other: EngineConfig) -> dict[str, tuple[Any, Any]]:
+        """Fields whose value differs: name -> (self's, other's)."""
+        return {
+            f.name: (getattr(self, f.name), getattr(other, f.name))
+            for f in dataclasses.fields(self)
+            if f.compare and getattr(self, f.name) != getattr(other, f.name)
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.compare}
+
+    def resolve(self, device_type: str, gpu_memory_gb: float = 0.0) -> EngineConfig:
+        """Fill every "auto" for one device; the engine only ever runs a resolved config."""
+        on_gpu = device_type == "cuda"
+        dtype = self.dtype if self.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
+        chunk = self.chunked_prefill_size
+        if chunk is None:
+            chunk = GPU_DEFAULT_CHUNKED_PREFILL if on_gpu else CPU_DEFAULT_CHUNKED_PREFILL
+        graph_bs = self.cuda_graph_max_bs
+        if graph_bs is None:
+            graph_bs = cuda_graph_max_bs_for_memory(gpu_memory_gb) if on_gpu else 0
+        return self.replace(
+            device=device_type if self.device == "auto" else self.device,
+            dtype=dtype,
+            chunked_prefill_size=chunk,
+            cuda_graph_max_bs=graph_bs or None,
+            max_running_requests=self.max_running_requests or (256 if on_gpu else 64),
+            mem_fraction_static=self.mem_fraction_static or (0.88 if on_gpu else None),
+            max_total_tokens=self.max_total_tokens
+            or (None if on_gpu else CPU_DEFAULT_MAX_TOTAL_TOKENS),
+            attention_backend=self.attention_backend
+            if self.attention_backend != "auto"
+            else ("flashinfer" if on_gpu else "torch"),
+        )

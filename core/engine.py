@@ -1,0 +1,335 @@
+"""Engine: the public entry point. Loads the model, then runs the step loop on its own thread.
+
+Other threads talk to the loop only through `_inbox` (typed commands) and read results from
+per-request handles and the telemetry buffer; no lock is held across a forward pass.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .config import EngineConfig
+from .detokenizer import IncrementalDetokenizer
+from .kv_cache import KVPool, PageAllocator
+from .model_loader import LoadedModel, Progress, gpu_memory_gb, load_model, pick_device
+from .outputs import Delta, GenerationResult, RequestHandle, Usage
+from .pool_sizing import kv_pool_spec
+from .request import FinishReason, Request
+from .runner import ModelRunner, StepOutput
+from .sampling_params import SamplingParams
+from .scheduler import ScheduledBatch, Scheduler
+from .telemetry import EngineEvent, RequestRecord, StepRecord, Subscription, TelemetryBuffer
+from .attention import make_backend
+
+
+class RequestError(ValueError):
+    """A request that cannot be served as asked (too long, empty, no tokenizer); nothing else is
+    affected."""
+
+
+@dataclass(frozen=True)
+class _Submit:
+    req: Request
+    handle: RequestHandle
+
+
+@dataclass(frozen=True)
+class _Abort:
+    rid: str
+
+
+@dataclass(frozen=True)
+class _Shutdown:
+    pass
+
+
+Prompt = str | Sequence[int]
+
+
+class Engine:
+    def __init__(self, config: EngineConfig | None = None, progress: Progress | None = None):
+        config = config or EngineConfig()
+        device = pick_device(config.device)
+        self.config = config.resolve(device.type, gpu_memory_gb(device))
+        self.telemetry = TelemetryBuffer(self.config.telemetry_capacity)
+        self.loaded: LoadedModel = load_model(self.config, progress)
+        self.tokenizer = self.loaded.tokenizer
+        self.model_name = self.loaded.source.name
+        self._build_runtime()
+        self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._handles: dict[str, RequestHandle] = {}
+        self._ids = itertools.count()
+        self._step_ids = itertools.count()
+        self._stopped = threading.Event()
+        self.fault_hook: Any = None  # tests inject per-request faults through this
+        self._thread = threading.Thread(target=self._loop, name="llmconsole-engine", daemon=True)
+        self._thread.start()
+        self._event("start", f"engine ready: {self.model_name} on {self.config.device}",
+                    {"load_seconds": round(self.loaded.load_seconds, 3)})
+
+    def _build_runtime(self) -> None:
+        cfg, loaded = self.config, self.loaded
+        spec = kv_pool_spec(cfg, loaded)
+        self.pool = KVPool(spec, loaded.device)
+        self.allocator = PageAllocator(spec.num_pages)
+        self.scheduler = Scheduler(
+            self.allocator, spec.page_size, cfg.max_running_requests, cfg.chunked_prefill_size
+        )
+        attention = make_backend(cfg.attention_backend, self.pool)
+        self.runner = ModelRunner(loaded.model, self.pool, attention, loaded.device)
+        model_context = loaded.model_config.max_position_embeddings
+        self.context_length = min(cfg.context_length or model_context, model_context)
+        self.max_request_tokens = min(self.context_length, self.scheduler.capacity_tokens)
+
+    # ---- public API --------------------------------------------------------------------------
+
+    def tokenize(self, prompt: Prompt) -> list[int]:
+        if not isinstance(prompt, str):
+            return [int(t) for t in prompt]
+        if self.tokenizer is None:
+            raise RequestError(f"{self.model_name} has no tokenizer: pass token ids")
+        return list(self.tokenizer(prompt).input_ids)
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise RequestError(f"{self.model_name} has no chat template")
+        text = self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+        return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+
+    def submit(
+        self, prompt: Prompt, params: SamplingParams | None = None, rid: str | None = None
+    ) -> RequestHandle:
+        """Queue one request; returns at once. Raises RequestError for a request that cannot run."""
+        if self._stopped.is_set():
+            raise RuntimeError("the engine has shut down")
+        params = params or SamplingParams()
+        prompt_ids = self.tokenize(prompt)
+        rid = rid or f"req-{next(self._ids)}"
+        req = Request(rid, prompt_ids, params, self._max_new_tokens(prompt_ids, params))
+        if self.tokenizer is not None:
+            req.detokenizer = IncrementalDetokenizer(
+                self.tokenizer, prompt_ids, params.stop, params.skip_special_tokens
+            )
+        handle = RequestHandle(rid, len(prompt_ids), self.abort)
+        self._inbox.put(_Submit(req, handle))
+        return handle
+
+    def generate(
+        self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None
+    ) -> list[GenerationResult]:
+        """Blocking: all prompts run concurrently; a request that cannot run gets an error result."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        handles: list[RequestHandle | GenerationResult] = []
+        for prompt in prompts:
+            try:
+                handles.append(self.submit(prompt, params))
+            except RequestError as exc:
+                handles.append(GenerationResult("", finish_reason="error", error=str(exc)))
+        return [h if isinstance(h, GenerationResult) else h.result() for h in handles]
+
+    def abort(self, rid: str) -> None:
+        self._inbox.put(_Abort(rid))
+
+    def subscribe(self) -> Subscription:
+        return self.telemetry.subscribe()
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Finish every pending request with reason "abort", stop the loop and join it."""
+        if self._thread.is_alive():
+            self._inbox.put(_Shutdown())
+            self._thread.join(timeout)
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "running": len(self.scheduler.running),
+            "queued": len(self.scheduler.waiting),
+            "kv_pages_used": self.allocator.num_used,
+            "kv_pages_total": self.allocator.num_usable,
+            "page_size": self.pool.page_size,
+        }
+
+    def check_integrity(self) -> None:
+        self.scheduler.check_integrity()
+
+    def _max_new_tokens(self, prompt_ids: list[int], params: SamplingParams) -> int:
+        limit = self.max_request_tokens
+        n = len(prompt_ids)
+        if n == 0:
+            raise RequestError("the prompt is empty")
+        if n >= limit:
+            raise RequestError(
+                f"the prompt has {n} tokens; this engine serves at most {limit - 1} prompt tokens "
+                f"(context length {self.context_length}, KV pool {self.scheduler.capacity_tokens})"
+            )
+        if params.max_tokens is None:
+            return limit - n
+        if n + params.max_tokens > limit:
+            raise RequestError(
+                f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) = "
+                f"{n + params.max_tokens} exceeds the limit of {limit} tokens"
+            )
+        return params.max_tokens
+
+    # ---- engine thread -----------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            if not self._drain_inbox(block=not self.scheduler.has_work()):
+                break
+            batch = self.scheduler.schedule()
+            if batch is None:
+                continue
+            started = time.perf_counter()
+            try:
+                out = self.runner.forward(batch)
+            except Exception as exc:  # one bad batch must not stop the engine
+                self._event("error", f"forward pass failed: {exc!r}")
+                for chunk in batch.chunks:
+                    self._finish(chunk.req, FinishReason.ERROR, f"internal error: {exc!r}")
+                continue
+            generated = self._process(batch, out)
+            self._record_step(batch, out, generated, time.perf_counter() - started)
+            if not self.scheduler.has_work():
+                self.check_integrity()
+        self._stopped.set()
+        for req in list(self.scheduler.requests()):
+            self._finish(req, FinishReason.ABORT, "the engine shut down")
+        self._event("shutdown", "engine stopped")
+
+    def _drain_inbox(self, block: bool) -> bool:
+        """Apply every queued command; False once shutdown was asked for."""
+        try:
+            command = self._inbox.get() if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return True
+        while True:
+            if isinstance(command, _Shutdown):
+                return False
+            if isinstance(command, _Submit):
+                self._handles[command.req.rid] = command.handle
+                self.scheduler.add(command.req)
+            elif isinstance(command, _Abort):
+                req = next((r for r in self.scheduler.requests() if r.rid == command.rid), None)
+                if req is not None:
+                    self._finish(req, FinishReason.ABORT, None)
+            try:
+                command = self._inbox.get_nowait()
+            except queue.Empty:
+                return True
+
+    def _process(self, batch: ScheduledBatch, out: StepOutput) -> int:
+        now = time.time()
+        generated = 0
+        for chunk, token, logprob in zip(batch.chunks, out.tokens, out.logprobs, strict=True):
+            req = chunk.req
+            req.num_computed = chunk.end
+            if token is None:
+                continue
+            generated += 1
+            try:
+                if self.fault_hook is not None:
+                    self.fault_hook(req)
+                self._append_token(req, token, logprob, now)
+            except Exception as exc:  # a failure in one request finishes only that request
+                self._finish(req, FinishReason.ERROR, f"internal error: {exc!r}")
+        return generated
+
+    def _append_token(self, req: Request, token: int, logprob: Any, now: float) -> None:
+        if req.first_token_time is None:
+            req.first_token_time = now
+        req.output_ids.append(token)
+        params = req.params
+        may_stop = len(req.output_ids) >= params.min_tokens
+        is_stop_id = token in params.stop_token_ids or (
+            not params.ignore_eos and token in self.loaded.eos_token_ids
+        )
+        text = ""
+        if req.detokenizer is not None and not (is_stop_id and may_stop):
+            text = req.detokenizer.add(token)
+        handle = self._handles[req.rid]
+        reason: FinishReason | None = None
+        if may_stop and (is_stop_id or (req.detokenizer and req.detokenizer.stopped_on)):
+            reason = FinishReason.STOP
+        elif len(req.output_ids) >= req.max_new_tokens:
+            reason = FinishReason.LENGTH
+        if reason is None:
+            handle.put(Delta(req.rid, text, (token,), (logprob,) if logprob else ()))
+            return
+        if reason is FinishReason.LENGTH and req.detokenizer is not None:
+            text += req.detokenizer.flush()
+        self._finish(req, reason, None, text, (token,), (logprob,) if logprob else ())
+
+    def _finish(
+        self,
+        req: Request,
+        reason: FinishReason,
+        error: str | None,
+        text: str = "",
+        token_ids: tuple[int, ...] = (),
+        logprobs: tuple[Any, ...] = (),
+    ) -> None:
+        self.scheduler.finish(req)
+        req.finish_reason = reason
+        req.error = error
+        req.finish_time = time.time()
+        usage = Usage(req.num_prompt_tokens, len(req.output_ids), req.num_cached_tokens)
+        handle = self._handles.pop(req.rid, None)
+        if handle is not None:
+            handle.put(
+                Delta(req.rid, text, token_ids, logprobs, True, reason.value, error, usage)
+            )
+        self.telemetry.append(
+            RequestRecord(
+                rid=req.rid,
+                arrival=req.arrival_time,
+                first_token=req.first_token_time,
+                finish=req.finish_time,
+                prompt_tokens=req.num_prompt_tokens,
+                cached_tokens=req.num_cached_tokens,
+                completion_tokens=len(req.output_ids),
+                accepted_draft_tokens=0,
+                finish_reason=reason.value,
+                retractions=req.num_retractions,
+                error=error or "",
+            )
+        )
+
+    def _record_step(
+        self, batch: ScheduledBatch, out: StepOutput, generated: int, duration: float
+    ) -> None:
+        self.telemetry.append(
+            StepRecord(
+                step_id=next(self._step_ids),
+                time=time.time(),
+                kind=batch.kind,
+                batch_size=batch.batch_size,
+                num_tokens=batch.num_tokens,
+                num_generated=generated,
+                cuda_graph=out.cuda_graph,
+                padded_bs=out.padded_bs,
+                duration_s=duration,
+                queue_len=len(self.scheduler.waiting),
+                running=len(self.scheduler.running),
+                kv_pages_used=self.allocator.num_used,
+                kv_pages_total=self.allocator.num_usable,
+                retracted=len(batch.retracted),
+            )
+        )
+
+    def _event(self, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
+        self.telemetry.append(EngineEvent(time.time(), kind, message, data or {}))

@@ -1,0 +1,152 @@
+"""The paged KV pool and its page allocator.
+
+K and V live in one flat slot array per layer; a page is `page_size` consecutive slots, and a
+request's page table maps its token positions onto slots. Page 0 is the dummy page: padded rows
+(CUDA-graph padding, padded queries) read and write it, so it is never handed to a request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+
+class OutOfPages(RuntimeError):
+    """Raised by `alloc` when asked for more pages than are free; the scheduler checks first."""
+
+
+class PageAllocator:
+    """Contract: a usable page is either free or owned by exactly one request; `free` of a page
+    that is not allocated raises (pages are freed exactly once); page 0 is never handed out."""
+
+    def __init__(self, num_pages: int) -> None:
+        if num_pages < 2:
+            raise ValueError(f"need at least 2 pages (1 dummy + 1 usable), got {num_pages}")
+        self.num_pages = num_pages
+        # Pop from the end: low page ids first, which keeps small runs contiguous.
+        self._free: list[int] = list(range(num_pages - 1, 0, -1))
+        self._allocated: set[int] = set()
+
+    @property
+    def num_usable(self) -> int:
+        return self.num_pages - 1
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return len(self._allocated)
+
+    def can_alloc(self, n: int) -> bool:
+        return n <= len(self._free)
+
+    def alloc(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise OutOfPages(f"asked for {n} pages, {len(self._free)} free")
+        pages = [self._free.pop() for _ in range(n)]
+        self._allocated.update(pages)
+        return pages
+
+    def free(self, pages: Iterable[int]) -> None:
+        for page in pages:
+            if page not in self._allocated:
+                raise RuntimeError(f"page {page} freed twice or never allocated")
+            self._allocated.remove(page)
+            self._free.append(page)
+
+    def check_integrity(self, owned: Iterable[Iterable[int]] = ()) -> None:
+        """Every page is free xor allocated; `owned` (live requests' page lists) covers exactly
+        the allocated set with no page shared. Tests call it; the engine calls it when idle."""
+        free = set(self._free)
+        assert len(free) == len(self._free), "a page is on the free list twice"
+        assert not (free & self._allocated), "a page is both free and allocated"
+        assert free | self._allocated == set(range(1, self.num_pages)), "a page went missing"
+        seen: set[int] = set()
+        for pages in owned:
+            for page in pages:
+                assert page not in seen, f"page {page} owned by two requests"
+                seen.add(page)
+        assert seen == self._allocated, (
+            f"allocated pages not owned by any live request: {sorted(self._allocated - seen)[:8]}"
+        )
+
+
+def pages_needed(num_tokens: int, page_size: int) -> int:
+    return -(-num_tokens // page_size)
+
+
+@dataclass(frozen=True)
+class KVPoolSpec:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    page_size: int
+    num_pages: int  # including the dummy page
+    dtype: torch.dtype
+
+    @property
+    def num_slots(self) -> int:
+        return self.num_pages * self.page_size
+
+    @property
+    def bytes_per_page(self) -> int:
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.page_size * self.num_kv_heads * self.head_dim * elem
+
+    @staticmethod
+    def for_budget(
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        page_size: int,
+        dtype: torch.dtype,
+        *,
+        max_tokens: int | None = None,
+        max_bytes: int | None = None,
+    ) -> KVPoolSpec:
+        """Size the pool from a token budget (CPU) or a byte budget (GPU free memory)."""
+        spec = KVPoolSpec(num_layers, num_kv_heads, head_dim, page_size, 2, dtype)
+        if max_tokens is not None:
+            usable = pages_needed(max_tokens, page_size)
+        elif max_bytes is not None:
+            usable = max_bytes // spec.bytes_per_page - 1
+        else:
+            raise ValueError("need max_tokens or max_bytes to size the KV pool")
+        if usable < 1:
+            raise ValueError("the KV budget is too small for a single page")
+        return KVPoolSpec(num_layers, num_kv_heads, head_dim, page_size, usable + 1, dtype)
+
+
+class KVPool:
+    """K/V buffers of every layer: k[layer], v[layer]: [num_slots, Hkv, D]."""
+
+    def __init__(self, spec: KVPoolSpec, device: torch.device) -> None:
+        self.spec = spec
+        self.device = device
+        shape = (spec.num_slots, spec.num_kv_heads, spec.head_dim)
+        # Uninitialised (fast, and untouched memory is never committed on CPU); only the dummy
+        # page is zeroed, because padded rows read it and 0 * NaN would poison their neighbours.
+        self.k = [torch.empty(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)]
+        self.v = [torch.empty(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)]
+        for buf in (*self.k, *self.v):
+            buf[: spec.page_size].zero_()
+
+    @property
+    def page_size(self) -> int:
+        return self.spec.page_size
+
+    def write(self, layer_id: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        # slots: [T]; k, v: [T, Hkv, D]
+        self.k[layer_id].index_copy_(0, slots, k)
+        self.v[layer_id].index_copy_(0, slots, v)
+
+
+def slots_for_positions(pages: list[int], start: int, end: int, page_size: int) -> list[int]:
+    """Slots of token positions [start, end) of a request whose page table is `pages`."""
+    if page_size == 1:
+        return pages[start:end]
+    return [pages[p // page_size] * page_size + p % page_size for p in range(start, end)]

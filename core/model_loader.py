@@ -1,0 +1,113 @@
+"""From a config to loaded parts: device, model weights, tokenizer, EOS ids.
+
+Kept apart from the engine loop so hot restart can reuse loaded weights and only rebuild the
+KV pool, graphs and plans.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .config import EngineConfig
+from .models.config import ModelConfig
+from .models.llama import LlamaForCausalLM
+from .models.source import ModelSource, resolve_model
+from .models.weights import iter_weights
+
+Progress = Callable[[str, float], None]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    source: ModelSource
+    model_config: ModelConfig
+    model: LlamaForCausalLM
+    tokenizer: Any | None
+    eos_token_ids: frozenset[int]
+    device: torch.device
+    dtype: torch.dtype
+    load_seconds: float
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but torch sees no CUDA device")
+    return device
+
+
+def gpu_memory_gb(device: torch.device) -> float:
+    if device.type != "cuda":
+        return 0.0
+    return torch.cuda.get_device_properties(device).total_memory / 2**30
+
+
+def load_model(config: EngineConfig, progress: Progress | None = None) -> LoadedModel:
+    """Resolve `config.model`, build our model on the device and load (or randomise) weights.
+    `config` must be resolved (no "auto" dtype)."""
+    started = time.perf_counter()
+    report = progress or (lambda stage, fraction: None)
+    device = torch.device(config.device)
+    dtype = DTYPES[config.dtype]
+    source = resolve_model(config.model, config.load_format, progress=report)
+    model_config = ModelConfig.from_hf(source.hf_config)
+    report("building model", 0.0)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(model_config)
+    model = model.to_empty(device=device).to(dtype)
+    # to_empty left the rope buffer uninitialised: rebuild it (fp32, never cast).
+    model.rotary.inv_freq = model_config.rope_inv_freq()[0].to(device)
+    if source.kind == "dummy":
+        report("random weights", 0.5)
+        model.init_random(seed=config.seed)
+    else:
+        report("loading weights", 0.5)
+        model.load_weights(iter_weights(source))
+    model.eval()
+    report("loading tokenizer", 0.9)
+    tokenizer = load_tokenizer(config.tokenizer_path or source.tokenizer_path)
+    eos = set(model_config.eos_token_ids)
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        eos.add(int(tokenizer.eos_token_id))
+    eos.update(_generation_config_eos(source))
+    report("ready", 1.0)
+    return LoadedModel(
+        source=source,
+        model_config=model_config,
+        model=model,
+        tokenizer=tokenizer,
+        eos_token_ids=frozenset(eos),
+        device=device,
+        dtype=dtype,
+        load_seconds=time.perf_counter() - started,
+    )
+
+
+def load_tokenizer(path: Any) -> Any | None:
+    if path is None:
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def _generation_config_eos(source: ModelSource) -> set[int]:
+    # Instruct models list their end-of-turn ids here (Llama 3: 128001 and 128009).
+    if source.path is None:
+        return set()
+    path = source.path / "generation_config.json"
+    if not path.is_file():
+        return set()
+    eos = json.loads(path.read_text()).get("eos_token_id")
+    if eos is None:
+        return set()
+    return {int(e) for e in (eos if isinstance(eos, list) else [eos])}

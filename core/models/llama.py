@@ -1,0 +1,238 @@
+"""Our Llama-family model (Llama 2/3/3.1, Mistral, Qwen2, Qwen3, SmolLM) over a ragged batch.
+
+Inputs are flattened: every new token of every request in one [T] vector, with its position; the
+attention backend knows which request each token belongs to and where its KV lives. Q/K/V and
+gate/up are merged into one matmul each (fewer, larger GEMMs; one weight read per step).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..attention.base import AttentionBackend
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+    def add_and_norm(
+        self, x: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual): the pre-norm block's two outputs in one call."""
+        residual = x + residual
+        return self(residual), residual
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin per position, computed for the step's positions once and shared by all layers."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        inv_freq, scale = config.rope_inv_freq()
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.scale = scale
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
+        emb = torch.cat([freqs, freqs], dim=-1)  # [T, D]
+        cos = (emb.cos() * self.scale).to(dtype)[:, None, :]  # [T, 1, D]
+        sin = (emb.sin() * self.scale).to(dtype)[:, None, :]
+        return cos, sin
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [T, H, D]; rotate-half layout, as Hugging Face checkpoints store q/k.
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.config = config
+        self.qkv_proj = nn.Linear(
+            config.hidden_size, config.q_size + 2 * config.kv_size, bias=config.attention_bias
+        )
+        self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=False)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+        self.scale = config.head_dim**-0.5
+
+    def forward(
+        self,
+        hidden: torch.Tensor,  # [T, hidden]
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        attn: AttentionBackend,
+    ) -> torch.Tensor:
+        c = self.config
+        qkv = self.qkv_proj(hidden)
+        q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
+        q = q.view(-1, c.num_heads, c.head_dim)
+        k = k.view(-1, c.num_kv_heads, c.head_dim)
+        v = v.view(-1, c.num_kv_heads, c.head_dim)
+        if c.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, *cos_sin), apply_rope(k, *cos_sin)
+        out = attn.forward(self.layer_id, q, k, v, self.scale)  # [T, H, D]
+        return self.o_proj(out.reshape(-1, c.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_id)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        attn: AttentionBackend,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm.add_and_norm(hidden, residual)
+        hidden = self.self_attn(hidden, cos_sin, attn)
+        hidden, residual = self.post_attention_layernorm.add_and_norm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(config)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        if self.config.tie_word_embeddings:
+            return self.embed_tokens.weight
+        return self.lm_head.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T]
+        positions: torch.Tensor,  # [T]
+        attn: AttentionBackend,
+        logit_indices: torch.Tensor | None = None,  # [S]: rows whose logits are wanted
+    ) -> torch.Tensor:  # [S, V] (or [T, V] when logit_indices is None)
+        hidden = self.embed_tokens(input_ids)
+        cos_sin = self.rotary.cos_sin(positions, hidden.dtype)
+        residual = None
+        for layer in self.layers:
+            hidden, residual = layer(hidden, residual, cos_sin, attn)
+        hidden, _ = self.norm.add_and_norm(hidden, residual)
+        if logit_indices is not None:
+            hidden = hidden[logit_indices]
+        return F.linear(hidden, self.lm_head_weight).float()
+
+    # ---- weights ---------------------------------------------------------------------------
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy Hugging Face-named tensors in, merging q/k/v and gate/up as they stream past."""
+        c = self.config
+        params = dict(self.named_parameters())
+        merged = {
+            "q_proj": ("qkv_proj", 0, c.q_size),
+            "k_proj": ("qkv_proj", c.q_size, c.kv_size),
+            "v_proj": ("qkv_proj", c.q_size + c.kv_size, c.kv_size),
+            "gate_proj": ("gate_up_proj", 0, c.intermediate_size),
+            "up_proj": ("gate_up_proj", c.intermediate_size, c.intermediate_size),
+        }
+        loaded: set[str] = set()
+        for hf_name, tensor in weights:
+            name = hf_name.removeprefix("model.")
+            if "rotary_emb" in name:
+                continue
+            if name == "lm_head.weight" and c.tie_word_embeddings:
+                continue
+            parts = name.split(".")
+            target = name
+            rows = None
+            if len(parts) >= 2 and parts[-2] in merged:
+                fused, offset, size = merged[parts[-2]]
+                target = ".".join([*parts[:-2], fused, parts[-1]])
+                rows = (offset, size)
+            param = params.get(target)
+            if param is None:
+                raise KeyError(f"checkpoint tensor {hf_name!r} has no place in {c.architecture}")
+            with torch.no_grad():
+                dest = param if rows is None else param.narrow(0, rows[0], rows[1])
+                if dest.shape != tensor.shape:
+                    raise ValueError(
+                        f"{hf_name}: checkpoint shape {tuple(tensor.shape)}, "
+                        f"model expects {tuple(dest.shape)}"
+                    )
+                dest.copy_(tensor)
+            loaded.add(target if rows is None else f"{target}[{rows[0]}]")
+        expected = _expected_loads(self, merged)
+        missing = expected - loaded
+        if missing:
+            raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+
+    def init_random(self, seed: int = 0, std: float = 0.02) -> None:
+        """Random weights of the real shape (SGLang's --load-format dummy), for benchmarks."""
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        with torch.no_grad():
+            for name, param in self.named_parameters():
+                if name.endswith("norm.weight") or "layernorm" in name:
+                    param.fill_(1.0)
+                elif name.endswith("bias"):
+                    param.zero_()
+                elif param.device.type == "cpu":
+                    param.normal_(0.0, std, generator=gen)
+                else:
+                    param.normal_(0.0, std)
+
+
+def _expected_loads(model: nn.Module, merged: dict[str, tuple[str, int, int]]) -> set[str]:
+    expected: set[str] = set()
+    fused_offsets: dict[str, list[int]] = {}
+    for _, (fused, offset, _) in merged.items():
+        fused_offsets.setdefault(fused, []).append(offset)
+    for name, _ in model.named_parameters():
+        parts = name.split(".")
+        if len(parts) >= 2 and parts[-2] in fused_offsets:
+            if parts[-1] == "weight" or parts[-2] == "qkv_proj":
+                expected.update(f"{name}[{off}]" for off in fused_offsets[parts[-2]])
+            continue
+        expected.add(name)
+    return expected

@@ -1,0 +1,190 @@
+"""Continuous batching policy: FCFS admission, chunked prefill, decode, retract-and-requeue.
+
+Pure policy over `Request` objects and a `PageAllocator`: no model, no tensors, so it is tested
+on its own. Like SGLang, a step is either a prefill batch (new or chunked requests, prefill has
+priority) or a decode batch (every running request that has finished its prefill).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from .kv_cache import PageAllocator, pages_needed
+from .request import Request, RequestState
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Process the tokens [start, end) of `req`; sample a new token when that reaches its end."""
+
+    req: Request
+    start: int
+    end: int
+    samples: bool = field(init=False)  # fixed when scheduled; the request grows afterwards
+
+    def __post_init__(self) -> None:
+        assert 0 <= self.start < self.end <= self.req.num_tokens
+        object.__setattr__(self, "samples", self.end == self.req.num_tokens)
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class ScheduledBatch:
+    kind: str  # "prefill" | "decode"
+    chunks: tuple[Chunk, ...]
+    retracted: tuple[Request, ...] = ()
+
+    def __post_init__(self) -> None:
+        assert self.chunks, "a scheduled batch is never empty"
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.length for c in self.chunks)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.chunks)
+
+
+class Scheduler:
+    """Contract: every request handed to `add` ends in exactly one of `finish` or `abort`; a
+    retracted request keeps its output and goes back to the head of the queue, so none is lost."""
+
+    def __init__(
+        self,
+        allocator: PageAllocator,
+        page_size: int,
+        max_running_requests: int,
+        chunked_prefill_size: int,
+    ) -> None:
+        self.allocator = allocator
+        self.page_size = page_size
+        self.max_running_requests = max_running_requests
+        self.prefill_budget = chunked_prefill_size if chunked_prefill_size > 0 else 1 << 62
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+
+    # ---- bookkeeping -----------------------------------------------------------------------
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.allocator.num_usable * self.page_size
+
+    def add(self, req: Request) -> None:
+        req.state = RequestState.WAITING
+        self.waiting.append(req)
+
+    def requests(self) -> Iterator[Request]:
+        yield from self.running
+        yield from self.waiting
+
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    def finish(self, req: Request) -> None:
+        """Drop a finished request from the running set and free its pages."""
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self._release(req)
+        req.state = RequestState.FINISHED
+
+    def _release(self, req: Request) -> None:
+        self.allocator.free(req.pages)
+        req.pages = []
+        req.num_computed = 0
+
+    def _grow(self, req: Request, num_tokens: int) -> bool:
+        """Give `req` pages for its first `num_tokens` tokens, if the pool has them."""
+        extra = pages_needed(num_tokens, self.page_size) - len(req.pages)
+        if extra <= 0:
+            return True
+        if not self.allocator.can_alloc(extra):
+            return False
+        req.pages.extend(self.allocator.alloc(extra))
+        return True
+
+    def _retract_newest(self) -> Request:
+        victim = max(self.running, key=lambda r: r.arrival_time)
+        self.running.remove(victim)
+        self._release(victim)
+        victim.state = RequestState.WAITING
+        victim.num_retractions += 1
+        # Back to the head of the queue, keeping arrival order among retracted requests.
+        position = 0
+        while position < len(self.waiting) and self.waiting[position].num_retractions > 0 and (
+            self.waiting[position].arrival_time < victim.arrival_time
+        ):
+            position += 1
+        self.waiting.insert(position, victim)
+        return victim
+
+    # ---- policy ----------------------------------------------------------------------------
+
+    def schedule(self) -> ScheduledBatch | None:
+        retracted: list[Request] = []
+        while True:
+            batch = self._schedule_prefill() or self._schedule_decode(retracted)
+            if batch is not None:
+                return ScheduledBatch(batch.kind, batch.chunks, tuple(retracted))
+            if not self.running:
+                return None
+            # Nothing fits (e.g. a chunked prefill needs pages held by newer requests).
+            retracted.append(self._retract_newest())
+
+    def _schedule_prefill(self) -> ScheduledBatch | None:
+        budget = self.prefill_budget
+        chunks: list[Chunk] = []
+        for req in self.running:
+            if budget <= 0:
+                break
+            if req.in_prefill:
+                end = req.num_computed + min(req.num_pending, budget)
+                if not self._grow(req, end):
+                    break
+                chunks.append(Chunk(req, req.num_computed, end))
+                budget -= end - req.num_computed
+        # Keep one page per decoding request in reserve so admission does not force an
+        # immediate retraction on the next decode step.
+        reserve = sum(1 for r in self.running if not r.in_prefill)
+        while self.waiting and budget > 0 and len(self.running) < self.max_running_requests:
+            req = self.waiting[0]
+            end = min(req.num_tokens, budget)
+            need = pages_needed(end, self.page_size)
+            if need + reserve > self.allocator.num_free:
+                break
+            self.waiting.popleft()
+            self._grow(req, end)
+            req.state = RequestState.RUNNING
+            self.running.append(req)
+            chunks.append(Chunk(req, 0, end))
+            budget -= end
+        return ScheduledBatch("prefill", tuple(chunks)) if chunks else None
+
+    def _schedule_decode(self, retracted: list[Request]) -> ScheduledBatch | None:
+        while True:
+            decoding = [r for r in self.running if not r.in_prefill]
+            if not decoding:
+                return None
+            extra = sum(
+                max(0, pages_needed(r.num_tokens, self.page_size) - len(r.pages)) for r in decoding
+            )
+            if extra <= self.allocator.num_free:
+                break
+            retracted.append(self._retract_newest())
+        for req in decoding:
+            self._grow(req, req.num_tokens)
+        chunks = tuple(Chunk(r, r.num_computed, r.num_tokens) for r in decoding)
+        return ScheduledBatch("decode", chunks)
+
+    def check_integrity(self) -> None:
+        self.allocator.check_integrity(r.pages for r in self.requests())
+        for req in self.waiting:
+            assert not req.pages, f"queued request {req.rid} holds pages"
+        assert len(self.running) <= self.max_running_requests
