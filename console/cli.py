@@ -7,9 +7,8 @@ from collections.abc import Callable
 from typing import Any
 
 import typer
-from rich.console import Console
-
 from llmconsole.core.config import ConfigError, EngineConfig
+from rich.console import Console
 
 from .flags import engine_flags
 
@@ -39,9 +38,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def start_engine(config: EngineConfig, quiet: bool = False) -> Any:
     """Load the engine with a progress line on stderr."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
     from llmconsole.core import Engine
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     if quiet:
         return Engine(config)
@@ -72,18 +70,25 @@ def generate(
     """Stream one answer to the terminal."""
     from llmconsole.core import SamplingParams
 
-    params = SamplingParams(
-        max_tokens=max_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        seed=sampling_seed,
-        stop=tuple(stop),
-    )
+    try:
+        params = SamplingParams(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=sampling_seed,
+            stop=tuple(stop),
+        )
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
     engine = start_engine(config)
     try:
         use_chat = chat and getattr(engine.tokenizer, "chat_template", None)
-        ids = engine.apply_chat_template([{"role": "user", "content": prompt}]) if use_chat else prompt
+        ids = (
+            engine.apply_chat_template([{"role": "user", "content": prompt}])
+            if use_chat
+            else prompt
+        )
         out = Console()
         final = None
         for delta in engine.submit(ids, params):
@@ -120,7 +125,7 @@ def run(fn: Callable[[], Any]) -> int:
     except click.exceptions.Abort:
         return 130
     except _user_errors() as exc:
-        err.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+        err.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import typer
-
 from llmconsole.core.config import (
     ATTENTION_BACKENDS,
     DTYPES,
@@ -68,7 +67,9 @@ FLAGS: tuple[Flag, ...] = (
 def _parameter(flag: Flag) -> inspect.Parameter:
     if flag.type is bool:
         no = "--no-" + flag.cli[2:]
-        option = typer.Option(flag.default, f"{flag.cli}/{no}", help=flag.help, rich_help_panel=PANEL)
+        option = typer.Option(
+            flag.default, f"{flag.cli}/{no}", help=flag.help, rich_help_panel=PANEL
+        )
         annotation: Any = bool
     else:
         option = typer.Option(flag.default, flag.cli, help=flag.help, rich_help_panel=PANEL)

@@ -1,7 +1,7 @@
 """EngineConfig: every engine flag, frozen and validated once.
 
-Field names are SGLang's flags in snake_case (`--cuda-graph-max-bs` -> `cuda_graph_max_bs`). `None`
-means "auto"; `resolve()` turns the autos into concrete values for one device, once, and returns a new
+Field names are SGLang's flags in snake_case (`--cuda-graph-max-bs` -> `cuda_graph_max_bs`).
+`None` means "auto"; `resolve()` turns the autos into concrete values for one device, once, and returns a new
 config (hot restart builds a new config the same way instead of mutating this one).
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "flashinfer", "fa3")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-LOAD_FORMATS = ("auto", "dummy")
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 SPECULATIVE_ALGORITHMS = ("none", "ngram", "draft", "eagle", "eagle3")
 # SGLang spells some algorithms differently; accept its names too.
 _SPEC_ALIASES = {"standalone": "draft", "": "none"}
@@ -115,7 +115,9 @@ class EngineConfig:
     def _check_choice(self, name: str, choices: tuple[str, ...]) -> None:
         value = getattr(self, name)
         if value not in choices:
-            raise ConfigError(f"{flag_name(name)} must be one of {', '.join(choices)}; got {value!r}")
+            raise ConfigError(
+                f"{flag_name(name)} must be one of {', '.join(choices)}; got {value!r}"
+            )
 
     def _check_min(self, name: str, minimum: int) -> None:
         value = getattr(self, name)

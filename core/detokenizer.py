@@ -57,9 +57,7 @@ class IncrementalDetokenizer:
         if self.stop:
             # Search only where a stop string could newly end: the tail not yet emitted.
             window_start = max(0, self._emitted - self._max_stop + 1)
-            hits = [
-                (i, s) for s in self.stop if (i := self._text.find(s, window_start)) >= 0
-            ]
+            hits = [(i, s) for s in self.stop if (i := self._text.find(s, window_start)) >= 0]
             if hits:
                 index, stop = min(hits)
                 self.stopped_on = stop

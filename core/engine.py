@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .attention import make_backend
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .kv_cache import KVPool, PageAllocator
@@ -25,7 +26,6 @@ from .runner import ModelRunner, StepOutput
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledBatch, Scheduler
 from .telemetry import EngineEvent, RequestRecord, StepRecord, Subscription, TelemetryBuffer
-from .attention import make_backend
 
 
 class RequestError(ValueError):
@@ -70,8 +70,11 @@ class Engine:
         self.fault_hook: Any = None  # tests inject per-request faults through this
         self._thread = threading.Thread(target=self._loop, name="llmconsole-engine", daemon=True)
         self._thread.start()
-        self._event("start", f"engine ready: {self.model_name} on {self.config.device}",
-                    {"load_seconds": round(self.loaded.load_seconds, 3)})
+        self._event(
+            "start",
+            f"engine ready: {self.model_name} on {self.config.device}",
+            {"load_seconds": round(self.loaded.load_seconds, 3)},
+        )
 
     def _build_runtime(self) -> None:
         cfg, loaded = self.config, self.loaded
@@ -125,7 +128,7 @@ class Engine:
     def generate(
         self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None
     ) -> list[GenerationResult]:
-        """Blocking: all prompts run concurrently; a request that cannot run gets an error result."""
+        """Blocking: all prompts run concurrently; one that cannot run gets an error result."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         handles: list[RequestHandle | GenerationResult] = []
@@ -290,9 +293,7 @@ class Engine:
         usage = Usage(req.num_prompt_tokens, len(req.output_ids), req.num_cached_tokens)
         handle = self._handles.pop(req.rid, None)
         if handle is not None:
-            handle.put(
-                Delta(req.rid, text, token_ids, logprobs, True, reason.value, error, usage)
-            )
+            handle.put(Delta(req.rid, text, token_ids, logprobs, True, reason.value, error, usage))
         self.telemetry.append(
             RequestRecord(
                 rid=req.rid,

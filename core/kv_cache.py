@@ -130,8 +130,12 @@ class KVPool:
         shape = (spec.num_slots, spec.num_kv_heads, spec.head_dim)
         # Uninitialised (fast, and untouched memory is never committed on CPU); only the dummy
         # page is zeroed, because padded rows read it and 0 * NaN would poison their neighbours.
-        self.k = [torch.empty(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)]
-        self.v = [torch.empty(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)]
+        self.k = [
+            torch.empty(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)
+        ]
+        self.v = [
+            torch.empty(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)
+        ]
         for buf in (*self.k, *self.v):
             buf[: spec.page_size].zero_()
 

@@ -1,4 +1,4 @@
-"""A request's state inside the engine: its tokens, its pages and how far its KV has been computed."""
+"""A request's state inside the engine: its tokens, its pages, how far its KV is computed."""
 
 from __future__ import annotations
 

@@ -118,8 +118,10 @@ class Scheduler:
         victim.num_retractions += 1
         # Back to the head of the queue, keeping arrival order among retracted requests.
         position = 0
-        while position < len(self.waiting) and self.waiting[position].num_retractions > 0 and (
-            self.waiting[position].arrival_time < victim.arrival_time
+        while (
+            position < len(self.waiting)
+            and self.waiting[position].num_retractions > 0
+            and (self.waiting[position].arrival_time < victim.arrival_time)
         ):
             position += 1
         self.waiting.insert(position, victim)

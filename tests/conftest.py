@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-
 from llmconsole.core import Engine, EngineConfig
 
 
@@ -15,4 +14,3 @@ def engine() -> Iterator[Engine]:
     eng = Engine(EngineConfig())
     yield eng
     eng.shutdown()
-

@@ -20,8 +20,10 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 30.0) -> bool:
 def wait_idle(engine: Engine, timeout: float = 60.0) -> None:
     """The engine has no request left and every KV page is back in the pool."""
     assert wait_until(
-        lambda: engine.stats()["running"] == 0
-        and engine.stats()["queued"] == 0
-        and engine.stats()["kv_pages_used"] == 0,
+        lambda: (
+            engine.stats()["running"] == 0
+            and engine.stats()["queued"] == 0
+            and engine.stats()["kv_pages_used"] == 0
+        ),
         timeout,
     ), f"engine not idle: {engine.stats()}"

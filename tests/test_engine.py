@@ -6,11 +6,9 @@ import threading
 
 import pytest
 import torch
-
+from engine_utils import wait_idle, wait_until
 from llmconsole.core import Engine, EngineConfig, RequestError, SamplingParams
 from llmconsole.core.telemetry import RequestRecord, StepRecord, of_type
-
-from engine_utils import wait_idle, wait_until
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -54,8 +52,11 @@ def test_greedy_tokens_equal_transformers_generate(engine: Engine, hf_model) -> 
 def test_concurrent_mixed_lengths_equal_one_at_a_time(engine: Engine) -> None:
     prompts = [chat_ids(engine, q * (1 + i % 4)) for i, q in enumerate(QUESTIONS * 4)][:16]
     lengths = [8 + (i * 5) % 24 for i in range(16)]
-    alone = [engine.generate([p], greedy(n))[0].token_ids for p, n in zip(prompts, lengths)]
-    handles = [engine.submit(p, greedy(n)) for p, n in zip(prompts, lengths)]
+    alone = [
+        engine.generate([p], greedy(n))[0].token_ids
+        for p, n in zip(prompts, lengths, strict=True)
+    ]
+    handles = [engine.submit(p, greedy(n)) for p, n in zip(prompts, lengths, strict=True)]
     together = [h.result().token_ids for h in handles]
     assert together == alone
     steps = of_type(engine.telemetry.snapshot(), StepRecord)
@@ -94,7 +95,9 @@ def test_seeded_sampling_is_reproducible(engine: Engine) -> None:
     assert a != c
     # Same seed in the middle of a busy batch: still the same tokens.
     others = [engine.submit(chat_ids(engine, q), SamplingParams(max_tokens=24)) for q in QUESTIONS]
-    mid = engine.submit(prompt, SamplingParams(max_tokens=24, temperature=1.0, top_p=0.95, seed=1234))
+    mid = engine.submit(
+        prompt, SamplingParams(max_tokens=24, temperature=1.0, top_p=0.95, seed=1234)
+    )
     assert mid.result().token_ids == a
     for h in others:
         h.result()
@@ -107,7 +110,9 @@ def test_stop_string_across_tokens_stops_and_is_not_emitted(engine: Engine) -> N
     # Pick a stop string that starts inside one token and ends inside a later one.
     pieces = [tokenizer.decode([t]) for t in full.token_ids]
     offsets = [sum(len(p) for p in pieces[:i]) for i in range(len(pieces))]
-    i = next(k for k in range(2, len(pieces) - 1) if len(pieces[k]) >= 2 and len(pieces[k + 1]) >= 1)
+    i = next(
+        k for k in range(2, len(pieces) - 1) if len(pieces[k]) >= 2 and len(pieces[k + 1]) >= 1
+    )
     start = offsets[i] + 1
     stop = full.text[start : offsets[i + 1] + 1]
     assert len(stop) >= 2
@@ -183,7 +188,9 @@ def test_a_failing_request_does_not_hurt_the_others(engine: Engine) -> None:
 
 
 def test_abort_frees_pages(engine: Engine) -> None:
-    handle = engine.submit(chat_ids(engine, "Count to one thousand."), greedy(2000, ignore_eos=True))
+    handle = engine.submit(
+        chat_ids(engine, "Count to one thousand."), greedy(2000, ignore_eos=True)
+    )
     first = handle.get(timeout=30)
     assert first is not None and not first.finished
     handle.abort()

@@ -147,10 +147,13 @@ def test_interrupted_conversion_leaves_nothing(tmp_path: Path, monkeypatch) -> N
         (out / "config.json").write_text("{}")
         raise KeyboardInterrupt
 
+    root = gguf_import.cache_root() / "gguf"
+    stale = root / f".tmp-{gguf_import.cached_folder(fake).name}-killed"
+    stale.mkdir(parents=True)
+    os.utime(stale, (0, 0))  # a conversion SIGKILLed long ago
     monkeypatch.setattr(gguf_import, "convert_gguf", half_then_crash)
     with pytest.raises(KeyboardInterrupt):
         resolve_model(str(fake))
-    root = gguf_import.cache_root() / "gguf"
     assert list(root.iterdir()) == []
 
 

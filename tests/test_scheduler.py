@@ -42,7 +42,9 @@ def drain(sched: Scheduler, limit: int = 10_000) -> tuple[list[Request], list[Sc
 
 
 def test_prefill_first_then_decode_and_all_pages_return() -> None:
-    sched = Scheduler(PageAllocator(101), page_size=1, max_running_requests=8, chunked_prefill_size=64)
+    sched = Scheduler(
+        PageAllocator(101), page_size=1, max_running_requests=8, chunked_prefill_size=64
+    )
     reqs = [make_request(10, 5) for _ in range(3)]
     for r in reqs:
         sched.add(r)
@@ -59,7 +61,9 @@ def test_prefill_first_then_decode_and_all_pages_return() -> None:
 
 
 def test_max_running_requests_caps_admission() -> None:
-    sched = Scheduler(PageAllocator(1001), page_size=1, max_running_requests=2, chunked_prefill_size=-1)
+    sched = Scheduler(
+        PageAllocator(1001), page_size=1, max_running_requests=2, chunked_prefill_size=-1
+    )
     for _ in range(5):
         sched.add(make_request(4, 3))
     _, batches = drain(sched)
@@ -68,7 +72,9 @@ def test_max_running_requests_caps_admission() -> None:
 
 
 def test_chunked_prefill_splits_a_long_prompt() -> None:
-    sched = Scheduler(PageAllocator(1001), page_size=4, max_running_requests=8, chunked_prefill_size=16)
+    sched = Scheduler(
+        PageAllocator(1001), page_size=4, max_running_requests=8, chunked_prefill_size=16
+    )
     req = make_request(40, 2)
     sched.add(req)
     _, batches = drain(sched)
@@ -80,7 +86,9 @@ def test_chunked_prefill_splits_a_long_prompt() -> None:
 
 def test_out_of_pages_retracts_the_newest_and_loses_nothing() -> None:
     # 40 usable slots; four requests of 8 prompt + 8 output tokens need 64: retraction must happen.
-    sched = Scheduler(PageAllocator(41), page_size=1, max_running_requests=8, chunked_prefill_size=-1)
+    sched = Scheduler(
+        PageAllocator(41), page_size=1, max_running_requests=8, chunked_prefill_size=-1
+    )
     reqs = [make_request(8, 8) for _ in range(4)]
     for r in reqs:
         sched.add(r)
@@ -98,7 +106,9 @@ def test_out_of_pages_retracts_the_newest_and_loses_nothing() -> None:
 
 
 def test_a_request_that_needs_the_whole_pool_still_runs() -> None:
-    sched = Scheduler(PageAllocator(17), page_size=2, max_running_requests=4, chunked_prefill_size=4)
+    sched = Scheduler(
+        PageAllocator(17), page_size=2, max_running_requests=4, chunked_prefill_size=4
+    )
     big = make_request(20, 12)  # 32 tokens = all 16 pages
     small = make_request(3, 3)
     sched.add(big)
@@ -109,7 +119,9 @@ def test_a_request_that_needs_the_whole_pool_still_runs() -> None:
 
 
 def test_finish_while_queued_frees_nothing_twice() -> None:
-    sched = Scheduler(PageAllocator(11), page_size=1, max_running_requests=1, chunked_prefill_size=-1)
+    sched = Scheduler(
+        PageAllocator(11), page_size=1, max_running_requests=1, chunked_prefill_size=-1
+    )
     a, b = make_request(3, 5), make_request(3, 5)
     sched.add(a)
     sched.add(b)

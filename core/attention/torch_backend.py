@@ -41,9 +41,9 @@ class TorchAttention(AttentionBackend):
             mask[:, :, 0] |= ~valid_q  # padded queries attend to slot 0 only, never NaN
             mask = mask[:, None]
             self._q_index = q_index.to(device)
-            self._out_index = (
-                (torch.arange(bsz)[:, None] * max_extend + q_off[None, :])[valid_q].to(device)
-            )
+            self._out_index = (torch.arange(bsz)[:, None] * max_extend + q_off[None, :])[
+                valid_q
+            ].to(device)
         self._mask = mask.to(device)
         self._shape = (bsz, max_extend)
 

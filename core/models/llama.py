@@ -206,7 +206,9 @@ class LlamaForCausalLM(nn.Module):
         expected = _expected_loads(self, merged)
         missing = expected - loaded
         if missing:
-            raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+            raise ValueError(
+                f"checkpoint is missing {len(missing)} tensors, e.g. {sorted(missing)[:3]}"
+            )
 
     def init_random(self, seed: int = 0, std: float = 0.02) -> None:
         """Random weights of the real shape (SGLang's --load-format dummy), for benchmarks."""

@@ -15,18 +15,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from .config import SUPPORTED_ARCHITECTURES
 from .dummy_shapes import DUMMY_SHAPES, dummy_config, is_dummy_shape
 from .errors import ModelNotFoundError, UnsupportedModelError
 
 if TYPE_CHECKING:
     import transformers
 
-SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
-    "LlamaForCausalLM",
-    "MistralForCausalLM",
-    "Qwen2ForCausalLM",
-    "Qwen3ForCausalLM",
-)
 _ARCH_BY_MODEL_TYPE = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
@@ -64,6 +59,8 @@ def resolve_model(
         raise ValueError(
             f"load_format must be one of {', '.join(LOAD_FORMATS)}, not {load_format!r}"
         )
+    if model is not None and not model.strip():
+        raise ModelNotFoundError("empty model name; omit --model for the default model")
     if model is None:
         source = _from_gguf(default_model_path(), progress)
     elif Path(model).expanduser().exists():
@@ -219,9 +216,11 @@ def _from_hf_cache(repo_id: str, need_weights: bool) -> ModelSource:
     cache = hf_hub_cache()
     checked = f"no file or folder {Path(repo_id).expanduser().absolute()}"
     if not _HF_ID.fullmatch(repo_id):
+        if "/" in repo_id or os.sep in repo_id or repo_id.startswith(("~", ".")):
+            raise ModelNotFoundError(f"model {repo_id!r} not found: {checked}")
         raise ModelNotFoundError(
-            f"model {repo_id!r} not found: {checked}; not an HF id (org/name) or a dummy shape "
-            f"({', '.join(DUMMY_SHAPES)})"
+            f"model {repo_id!r} not found: {checked}, and it is neither an HF id (org/name) "
+            f"nor a dummy shape ({', '.join(DUMMY_SHAPES)})"
         )
     from huggingface_hub import snapshot_download
 
