@@ -1,8 +1,8 @@
 """EngineConfig: every engine flag, frozen and validated once.
 
 Field names are SGLang's flags in snake_case (`--cuda-graph-max-bs` -> `cuda_graph_max_bs`).
-`None` means "auto"; `resolve()` turns the autos into concrete values for one device, once, and returns a new
-config (hot restart builds a new config the same way instead of mutating this one).
+`None` means "auto"; `resolve()` turns the autos into concrete values for one device, once, and
+returns a new config (hot restart builds a new config the same way instead of mutating this one).
 """
 
 from __future__ import annotations
