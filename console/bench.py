@@ -26,10 +26,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
-from llmconsole.core.config import EngineConfig
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from llmconsole.core.config import EngineConfig
 
 if TYPE_CHECKING:
     from llmconsole.core import Engine
@@ -629,10 +630,12 @@ def timed_start(config: EngineConfig, cache_dir: Path | None, label: str) -> dic
 
 
 def startup_table(results: Sequence[dict[str, Any]]) -> Table:
-    table = Table(title="engine start: process launch -> first token", title_justify="left")
+    table = Table(
+        title="engine start, seconds: process launch -> first token", title_justify="left"
+    )
     table.add_column("start", no_wrap=True)
-    for column in ("total s", "python s", "imports s", "engine s", "1st token s", "GGUF conv."):
-        table.add_column(column, justify="right")
+    for column in ("total", "python", "imports", "engine", "1st token", "GGUF conv"):
+        table.add_column(column, justify="right", no_wrap=True)
     for r in results:
         converted = {True: "yes", False: "no", None: "n/a"}[r["converted_gguf"]]
         table.add_row(

@@ -7,8 +7,9 @@ from collections.abc import Callable
 from typing import Any
 
 import typer
-from llmconsole.core.config import ConfigError, EngineConfig
 from rich.console import Console
+
+from llmconsole.core.config import ConfigError, EngineConfig
 
 from .flags import engine_flags
 
@@ -38,8 +39,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def start_engine(config: EngineConfig, quiet: bool = False) -> Any:
     """Load the engine with a progress line on stderr."""
-    from llmconsole.core import Engine
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from llmconsole.core import Engine
 
     if quiet:
         return Engine(config)

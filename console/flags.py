@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import typer
+
 from llmconsole.core.config import (
     ATTENTION_BACKENDS,
     DTYPES,

@@ -64,8 +64,7 @@ def load_model(config: EngineConfig, progress: Progress | None = None) -> Loaded
     with torch.device("meta"):
         model = LlamaForCausalLM(model_config)
     model = model.to_empty(device=device).to(dtype)
-    # to_empty left the rope buffer uninitialised: rebuild it (fp32, never cast).
-    model.rotary.inv_freq = model_config.rope_inv_freq()[0].to(device)
+    model.rotary.reset()  # to_empty left the rope buffer uninitialised (and it stays fp32)
     if source.kind == "dummy":
         report("random weights", 0.5)
         model.init_random(seed=config.seed)

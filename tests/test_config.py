@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+
 from llmconsole.core.config import ConfigError, EngineConfig, cuda_graph_max_bs_for_memory
 
 

@@ -7,6 +7,7 @@ import threading
 import pytest
 import torch
 from engine_utils import wait_idle, wait_until
+
 from llmconsole.core import Engine, EngineConfig, RequestError, SamplingParams
 from llmconsole.core.telemetry import RequestRecord, StepRecord, of_type
 
@@ -53,8 +54,7 @@ def test_concurrent_mixed_lengths_equal_one_at_a_time(engine: Engine) -> None:
     prompts = [chat_ids(engine, q * (1 + i % 4)) for i, q in enumerate(QUESTIONS * 4)][:16]
     lengths = [8 + (i * 5) % 24 for i in range(16)]
     alone = [
-        engine.generate([p], greedy(n))[0].token_ids
-        for p, n in zip(prompts, lengths, strict=True)
+        engine.generate([p], greedy(n))[0].token_ids for p, n in zip(prompts, lengths, strict=True)
     ]
     handles = [engine.submit(p, greedy(n)) for p, n in zip(prompts, lengths, strict=True)]
     together = [h.result().token_ids for h in handles]

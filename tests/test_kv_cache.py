@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+
 from llmconsole.core.kv_cache import OutOfPages, PageAllocator, pages_needed, slots_for_positions
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from llmconsole.core.models import gguf_import
 from llmconsole.core.models.dummy_shapes import DUMMY_SHAPES
 from llmconsole.core.models.errors import ModelNotFoundError, UnsupportedModelError
@@ -81,9 +82,10 @@ def test_default_model_config(default_model: Converted) -> None:
 
 @needs_default
 def test_default_model_weights_match_transformers(default_model: Converted) -> None:
-    from llmconsole.core.models.source import default_model_path
     from transformers import LlamaForCausalLM
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    from llmconsole.core.models.source import default_model_path
 
     src = default_model.source
     with torch.device("meta"):

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+
 from llmconsole.core.sampling import (
     SamplingBatch,
     apply_min_p,

@@ -42,9 +42,16 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        inv_freq, scale = config.rope_inv_freq()
+        self.config = config
+        with torch.device("cpu"):  # real numbers even when the model is built on "meta"
+            inv_freq, self.scale = config.rope_inv_freq()
         self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.scale = scale
+
+    def reset(self) -> None:
+        """Recompute the (fp32) frequencies after `to_empty`/dtype casts wiped them."""
+        with torch.device("cpu"):
+            inv_freq, self.scale = self.config.rope_inv_freq()
+        self.inv_freq = inv_freq.to(self.inv_freq.device)
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]

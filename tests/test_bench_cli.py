@@ -1,0 +1,101 @@
+"""`llmconsole bench` on the real default model, kept tiny: the figures are not checked, the
+accounting is (a wrong token count would make every tok/s figure wrong)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from llmconsole.console import cli
+from llmconsole.console.bench import _percentile, builtin_prompts
+
+
+@pytest.fixture(scope="module")
+def registered() -> None:
+    """`main()` registers the bench commands; in-process tests do it once themselves."""
+    if not any(c.name == "offline" for c in cli.bench_app.registered_commands):
+        cli._register_bench()
+
+
+@pytest.fixture(scope="module")
+def invoke(registered: None):
+    runner = CliRunner()
+
+    def run(*args: str):
+        return runner.invoke(cli.app, ["bench", *args], env={"COLUMNS": "200"})
+
+    return run
+
+
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_offline_counts_exactly_max_tokens_per_request(invoke, tmp_path: Path) -> None:
+    out_file = tmp_path / "bench.jsonl"
+    args = ("--num-prompts", "4", "--concurrency", "2", "--max-tokens", "4")
+    result = invoke("offline", *args, "--output-file", str(out_file))
+    assert result.exit_code == 0, result.output
+    assert "output tok/s" in result.stdout
+    [row] = read_rows(out_file)
+    assert row["system"] == "llmconsole"
+    assert (row["concurrency"], row["num_prompts"]) == (2, 4)
+    assert row["output_tokens"] == 4 * 4  # ignore_eos: nobody stops early
+    assert row["input_tokens"] > 4 * 10  # chat-templated builtin prompts
+    assert row["seconds"] > 0 and row["output_tok_s"] > 0
+    assert row["decode_steps"] >= 3 and row["decode_batch_median"] >= 1
+    assert row["cpu_count"] == os.cpu_count() and "torch_version" in row
+
+
+def test_offline_random_dataset(invoke, tmp_path: Path) -> None:
+    out_file = tmp_path / "random.jsonl"
+    args = ("--dataset", "random", "--input-len", "16", "--num-prompts", "2", "--max-tokens", "2")
+    result = invoke("offline", *args, "--output-file", str(out_file))
+    assert result.exit_code == 0, result.output
+    [row] = read_rows(out_file)
+    assert row["input_tokens"] == 2 * 16 and row["output_tokens"] == 2 * 2
+    assert row["dataset"] == "random"
+
+
+def test_bad_value_is_one_line_error_exit_2() -> None:
+    cmd = [sys.executable, "-m", "llmconsole.console", "bench", "offline", "--concurrency", "0"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "--concurrency" in lines[0], out.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--dataset", "sharegpt"], "--dataset"),
+        (["--max-tokens", "0"], "--max-tokens"),
+        (["--hf-batch1-prompts", "0"], "--hf-batch1-prompts"),
+    ],
+)
+def test_bad_values_fail_before_loading(
+    registered: None, capsys: pytest.CaptureFixture[str], args: list[str], needle: str
+) -> None:
+    code = cli.run(lambda: cli.app(["bench", "offline", *args], standalone_mode=False))
+    assert code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and needle in lines[0]
+
+
+def test_builtin_prompts_ship_with_the_package() -> None:
+    prompts = builtin_prompts()
+    assert len(prompts) >= 60 and len(set(prompts)) == len(prompts)
+    assert all(isinstance(p, str) and 10 < len(p) < 400 for p in prompts)
+
+
+def test_percentile() -> None:
+    assert _percentile([5.0], 0.99) == 5.0
+    assert _percentile([1.0, 2.0, 3.0, 4.0, 5.0], 0.5) == 3.0
+    assert _percentile(list(map(float, range(101))), 0.99) == pytest.approx(99.0)
