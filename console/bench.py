@@ -70,6 +70,8 @@ def machine_info() -> dict[str, Any]:
         "platform": platform.platform(),
         "python": platform.python_version(),
     }
+    if hasattr(os, "getloadavg"):  # other work on a shared machine skews every figure
+        info["loadavg_1m"] = round(os.getloadavg()[0], 2)
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
@@ -347,12 +349,13 @@ class HFReference:
         with err.status("loading the transformers reference model"), _quiet_transformers():
             model = AutoModelForCausalLM.from_pretrained(source.path, dtype=engine.loaded.dtype)
         self.model = model.to(self.device).eval()
+        # Padding is masked out, so any id works; prefer the tokenizer's pad, then EOS.
         pad = getattr(engine.tokenizer, "pad_token_id", None)
         if pad is None:
-            eos = self.model.generation_config.eos_token_id
             pad = getattr(engine.tokenizer, "eos_token_id", None)
-            if pad is None:
-                pad = eos[0] if isinstance(eos, list) else eos
+        if pad is None:
+            eos = self.model.generation_config.eos_token_id
+            pad = eos[0] if isinstance(eos, list) else eos
         self.pad_id = int(pad if pad is not None else 0)
         self._torch = torch
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -60,20 +61,15 @@ def load_model(config: EngineConfig, progress: Progress | None = None) -> Loaded
     dtype = DTYPES[config.dtype]
     source = resolve_model(config.model, config.load_format, progress=report)
     model_config = ModelConfig.from_hf(source.hf_config)
-    report("building model", 0.0)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(model_config)
-    model = model.to_empty(device=device).to(dtype)
-    model.rotary.reset()  # to_empty left the rope buffer uninitialised (and it stays fp32)
-    if source.kind == "dummy":
-        report("random weights", 0.5)
-        model.init_random(seed=config.seed)
-    else:
-        report("loading weights", 0.5)
-        model.load_weights(iter_weights(source))
-    model.eval()
-    report("loading tokenizer", 0.9)
-    tokenizer = load_tokenizer(config.tokenizer_path or source.tokenizer_path)
+    # The tokenizer's imports are slow and mostly Python; weight copies release the GIL, so
+    # loading both at once shortens every start.
+    with ThreadPoolExecutor(1, thread_name_prefix="tokenizer") as pool:
+        tokenizer_future = pool.submit(
+            load_tokenizer, config.tokenizer_path or source.tokenizer_path
+        )
+        model = _build_model(config, source, model_config, device, dtype, report)
+        report("loading tokenizer", 0.9)
+        tokenizer = tokenizer_future.result()
     eos = set(model_config.eos_token_ids)
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         eos.add(int(tokenizer.eos_token_id))
@@ -89,6 +85,32 @@ def load_model(config: EngineConfig, progress: Progress | None = None) -> Loaded
         dtype=dtype,
         load_seconds=time.perf_counter() - started,
     )
+
+
+def _build_model(
+    config: EngineConfig,
+    source: ModelSource,
+    model_config: ModelConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    report: Progress,
+) -> LlamaForCausalLM:
+    report("building model", 0.0)
+    default_dtype = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(dtype)  # parameters are born in their final dtype and place
+        with device:
+            model = LlamaForCausalLM(model_config)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    model.rotary.reset()
+    if source.kind == "dummy":
+        report("random weights", 0.5)
+        model.init_random(seed=config.seed)
+    else:
+        report("loading weights", 0.5)
+        model.load_weights(iter_weights(source))
+    return model.eval()
 
 
 def load_tokenizer(path: Any) -> Any | None:
