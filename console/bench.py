@@ -99,7 +99,9 @@ def _percentile(values: Sequence[float], q: float) -> float:
 
 def _progress() -> Progress:
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
-    return Progress(*columns, TimeElapsedColumn(), console=err, transient=True)
+    # Off when stderr is not a terminal: a log file would only get stray blank lines.
+    bar = (*columns, TimeElapsedColumn())
+    return Progress(*bar, console=err, transient=True, disable=not err.is_terminal)
 
 
 # ---- prompts ----------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import itertools
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,9 +108,16 @@ class Engine:
         return list(self.tokenizer(text, add_special_tokens=False).input_ids)
 
     def submit(
-        self, prompt: Prompt, params: SamplingParams | None = None, rid: str | None = None
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        rid: str | None = None,
+        sink: Callable[[Delta], None] | None = None,
     ) -> RequestHandle:
-        """Queue one request; returns at once. Raises RequestError for a request that cannot run."""
+        """Queue one request; returns at once. Raises RequestError for a request that cannot run.
+
+        With `sink`, deltas are handed to it on the engine thread (it must not block) instead of
+        being queued for iteration."""
         if self._stopped.is_set():
             raise RuntimeError("the engine has shut down")
         params = params or SamplingParams()
@@ -121,7 +128,7 @@ class Engine:
             req.detokenizer = IncrementalDetokenizer(
                 self.tokenizer, prompt_ids, params.stop, params.skip_special_tokens
             )
-        handle = RequestHandle(rid, len(prompt_ids), self.abort)
+        handle = RequestHandle(rid, len(prompt_ids), self.abort, sink)
         self._inbox.put(_Submit(req, handle))
         return handle
 
@@ -238,9 +245,18 @@ class Engine:
     def _process(self, batch: ScheduledBatch, out: StepOutput) -> int:
         now = time.time()
         generated = 0
-        for chunk, token, logprob in zip(batch.chunks, out.tokens, out.logprobs, strict=True):
+        prompt_lps = out.prompt_logprobs or (None,) * len(batch.chunks)
+        for chunk, token, logprob, prompt_lp in zip(
+            batch.chunks, out.tokens, out.logprobs, prompt_lps, strict=True
+        ):
             req = chunk.req
             req.num_computed = chunk.end
+            if prompt_lp is not None:
+                first_pos, entries = prompt_lp
+                # Only positions not yet scored (a retracted request is re-prefilled).
+                skip = len(req.prompt_logprobs) - (first_pos - 1)
+                if skip >= 0:
+                    req.prompt_logprobs.extend(entries[skip:])
             if token is None:
                 continue
             generated += 1
@@ -270,12 +286,16 @@ class Engine:
             reason = FinishReason.STOP
         elif len(req.output_ids) >= req.max_new_tokens:
             reason = FinishReason.LENGTH
+        logprobs = (logprob,) if logprob else ()
+        prompt_lps = None
+        if len(req.output_ids) == 1 and params.prompt_logprobs is not None:
+            prompt_lps = tuple(req.prompt_logprobs)
         if reason is None:
-            handle.put(Delta(req.rid, text, (token,), (logprob,) if logprob else ()))
+            handle.put(Delta(req.rid, text, (token,), logprobs, prompt_logprobs=prompt_lps))
             return
         if reason is FinishReason.LENGTH and req.detokenizer is not None:
             text += req.detokenizer.flush()
-        self._finish(req, reason, None, text, (token,), (logprob,) if logprob else ())
+        self._finish(req, reason, None, text, (token,), logprobs, prompt_lps)
 
     def _finish(
         self,
@@ -285,6 +305,7 @@ class Engine:
         text: str = "",
         token_ids: tuple[int, ...] = (),
         logprobs: tuple[Any, ...] = (),
+        prompt_logprobs: tuple[Any, ...] | None = None,
     ) -> None:
         self.scheduler.finish(req)
         req.finish_reason = reason
@@ -293,7 +314,19 @@ class Engine:
         usage = Usage(req.num_prompt_tokens, len(req.output_ids), req.num_cached_tokens)
         handle = self._handles.pop(req.rid, None)
         if handle is not None:
-            handle.put(Delta(req.rid, text, token_ids, logprobs, True, reason.value, error, usage))
+            handle.put(
+                Delta(
+                    req.rid,
+                    text,
+                    token_ids,
+                    logprobs,
+                    True,
+                    reason.value,
+                    error,
+                    usage,
+                    prompt_logprobs,
+                )
+            )
         self.telemetry.append(
             RequestRecord(
                 rid=req.rid,

@@ -32,6 +32,8 @@ class Delta:
     finish_reason: str | None = None
     error: str | None = None
     usage: Usage | None = None  # on the final delta
+    # logprobs of prompt tokens 1.. (the first has no context), on the first delta only
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass
@@ -43,8 +45,11 @@ class GenerationResult:
     finish_reason: str | None = None
     error: str | None = None
     usage: Usage | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
 
     def add(self, delta: Delta) -> None:
+        if delta.prompt_logprobs is not None:
+            self.prompt_logprobs = list(delta.prompt_logprobs)
         self.text += delta.text
         self.token_ids.extend(delta.token_ids)
         self.logprobs.extend(delta.logprobs)
@@ -59,15 +64,25 @@ class RequestHandle:
 
     The engine thread writes into the handle's outbox; the handle is read by one consumer."""
 
-    def __init__(self, rid: str, prompt_tokens: int, abort: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        rid: str,
+        prompt_tokens: int,
+        abort: Callable[[str], None],
+        sink: Callable[[Delta], None] | None = None,
+    ) -> None:
         self.rid = rid
         self.prompt_tokens = prompt_tokens
         self._outbox: queue.SimpleQueue[Delta] = queue.SimpleQueue()
         self._abort = abort
+        self._sink = sink  # e.g. hands deltas to an asyncio loop instead of the outbox
         self._done = False
 
     def put(self, delta: Delta) -> None:  # engine thread only
-        self._outbox.put(delta)
+        if self._sink is not None:
+            self._sink(delta)
+        else:
+            self._outbox.put(delta)
 
     def get(self, timeout: float | None = None) -> Delta | None:
         """The next delta, or None when the request has ended or the wait timed out."""

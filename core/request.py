@@ -47,6 +47,7 @@ class Request:
     num_cached_tokens: int = 0  # prompt tokens served from a prefix cache (none yet)
     generator: torch.Generator | None = None
     detokenizer: Any = None  # IncrementalDetokenizer, attached by the engine
+    prompt_logprobs: list[Any] = field(default_factory=list)  # TokenLogprob of prompt[1:]
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:

@@ -33,6 +33,8 @@ class StepOutput:
     logprobs: tuple[TokenLogprob | None, ...]
     cuda_graph: bool
     padded_bs: int
+    # per chunk: (first prompt position scored, logprobs of prompt tokens from there) or None
+    prompt_logprobs: tuple[tuple[int, tuple[TokenLogprob, ...]] | None, ...] = ()
 
 
 class ModelRunner:
@@ -57,13 +59,24 @@ class ModelRunner:
         write_slots: list[int] = []
         kv_rows: list[list[int]] = []
         logit_rows: list[int] = []
+        sample_rows: list[int] = []  # index into logit_rows
+        prompt_rows: list[tuple[int, int, int] | None] = []  # (first logit row, first pos, n)
         for chunk in batch.chunks:
             req = chunk.req
+            first_row = len(input_ids)
             input_ids.extend(req.token_ids(chunk.start, chunk.end))
             positions.extend(range(chunk.start, chunk.end))
             kv_rows.append(slots_for_positions(req.pages, 0, chunk.end, page_size))
             write_slots.extend(kv_rows[-1][chunk.start :])
+            # Logits at position p score prompt token p + 1.
+            scored = min(chunk.end, req.num_prompt_tokens - 1) - chunk.start
+            if req.params.prompt_logprobs is not None and scored > 0:
+                prompt_rows.append((len(logit_rows), chunk.start + 1, scored))
+                logit_rows.extend(range(first_row, first_row + scored))
+            else:
+                prompt_rows.append(None)
             if chunk.samples:
+                sample_rows.append(len(logit_rows))
                 logit_rows.append(len(input_ids) - 1)
         max_kv = max(len(r) for r in kv_rows)
         kv_slots = torch.zeros(len(kv_rows), max_kv, dtype=torch.int64)
@@ -84,6 +97,9 @@ class ModelRunner:
             self.attention,
             torch.tensor(logit_rows, dtype=torch.int64, device=dev),
         )  # [S, V]
+        prompt_lps = self._prompt_logprobs(batch, logits, prompt_rows)
+        if len(sample_rows) != len(logit_rows):
+            logits = logits[torch.tensor(sample_rows, device=dev)]
         sampled_chunks = [c for c in batch.chunks if c.samples]
         tokens: list[int | None] = [None] * len(batch.chunks)
         logprobs: list[TokenLogprob | None] = [None] * len(batch.chunks)
@@ -106,7 +122,36 @@ class ModelRunner:
                     tokens[i] = ids[row]
                     logprobs[i] = lp[row]
                     row += 1
-        return StepOutput(tuple(tokens), tuple(logprobs), cuda_graph=False, padded_bs=len(tokens))
+        return StepOutput(tuple(tokens), tuple(logprobs), False, len(tokens), tuple(prompt_lps))
+
+    def _prompt_logprobs(
+        self,
+        batch: ScheduledBatch,
+        logits: torch.Tensor,  # [S, V]
+        prompt_rows: list[tuple[int, int, int] | None],
+    ) -> list[tuple[int, tuple[TokenLogprob, ...]] | None]:
+        result: list[tuple[int, tuple[TokenLogprob, ...]] | None] = []
+        for chunk, rows in zip(batch.chunks, prompt_rows, strict=True):
+            if rows is None:
+                result.append(None)
+                continue
+            row0, first_pos, n = rows
+            req = chunk.req
+            top_n = req.params.prompt_logprobs or 0
+            lp = logits[row0 : row0 + n].log_softmax(-1)  # [n, V]
+            target_ids = req.prompt_ids[first_pos : first_pos + n]
+            targets = torch.tensor(target_ids, device=lp.device)
+            chosen = lp.gather(1, targets[:, None])[:, 0].tolist()
+            top_lp, top_ids = lp.topk(top_n, dim=-1)
+            top_lp, top_ids = top_lp.tolist(), top_ids.tolist()
+            entries = tuple(
+                TokenLogprob(
+                    target_ids[i], chosen[i], tuple(zip(top_ids[i], top_lp[i], strict=True))
+                )
+                for i in range(n)
+            )
+            result.append((first_pos, entries))
+        return result
 
 
 def _logprobs_to_host(out, reqs) -> list[TokenLogprob | None]:

@@ -58,6 +58,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None  # logprobs of the prompt's own tokens (OpenAI echo)
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
@@ -106,11 +107,11 @@ class SamplingParams:
         if self.top_k != -1 and self.top_k < 1:
             raise ValueError(f"top_k must be -1 (disabled) or >= 1, got {self.top_k}")
         _check_int("seed", self.seed, optional=True)
-        _check_int("logprobs", self.logprobs, optional=True)
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise ValueError(
-                f"logprobs must be in [0, {MAX_LOGPROBS}] or None, got {self.logprobs}"
-            )
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            _check_int(name, value, optional=True)
+            if value is not None and not 0 <= value <= MAX_LOGPROBS:
+                raise ValueError(f"{name} must be in [0, {MAX_LOGPROBS}] or None, got {value}")
 
         for s in self.stop:
             if not isinstance(s, str) or not s:

@@ -23,7 +23,8 @@ class TorchAttention(AttentionBackend):
         max_kv = int(inputs.kv_slots.shape[1])
         num_tokens = int(extend.sum())
         self._write_slots = inputs.write_slots.to(device, non_blocking=True)
-        self._kv_slots = inputs.kv_slots.to(device, non_blocking=True)
+        # One flat index: index_select is several times faster than 2-D advanced indexing.
+        self._kv_flat = inputs.kv_slots.reshape(-1).to(device, non_blocking=True)
         key_pos = torch.arange(max_kv)
         if inputs.is_decode:
             self._q_index = None
@@ -45,7 +46,7 @@ class TorchAttention(AttentionBackend):
                 valid_q
             ].to(device)
         self._mask = mask.to(device)
-        self._shape = (bsz, max_extend)
+        self._shape = (bsz, max_extend, max_kv)
 
     def forward(
         self,
@@ -56,10 +57,12 @@ class TorchAttention(AttentionBackend):
         scale: float,
     ) -> torch.Tensor:
         self.pool.write(layer_id, self._write_slots, k, v)
-        bsz, max_extend = self._shape
+        bsz, max_extend, max_kv = self._shape
         heads, head_dim = q.shape[1], q.shape[2]
-        keys = self.pool.k[layer_id][self._kv_slots].transpose(1, 2)  # [B, Hkv, Kmax, D]
-        values = self.pool.v[layer_id][self._kv_slots].transpose(1, 2)
+        kv_shape = (bsz, max_kv, k.shape[1], head_dim)
+        keys = self.pool.k[layer_id].index_select(0, self._kv_flat).view(kv_shape)
+        values = self.pool.v[layer_id].index_select(0, self._kv_flat).view(kv_shape)
+        keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # [B, Hkv, Kmax, D]
         if self._q_index is None:
             queries = q[:, None]  # [B, 1, H, D]
         else:
