@@ -68,6 +68,7 @@ class Engine:
         self._step_ids = itertools.count()
         self._stopped = threading.Event()
         self.fault_hook: Any = None  # tests inject per-request faults through this
+        self.counters = {"steps": 0, "generated_tokens": 0, "finished_requests": 0}
         self._thread = threading.Thread(target=self._loop, name="llmconsole-engine", daemon=True)
         self._thread.start()
         self._event(
@@ -171,6 +172,26 @@ class Engine:
             "kv_pages_used": self.allocator.num_used,
             "kv_pages_total": self.allocator.num_usable,
             "page_size": self.pool.page_size,
+        }
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stopped.is_set()
+
+    def describe(self) -> dict[str, Any]:
+        """Config, state and counters, for /v1/engine and the console header."""
+        config = self.config.to_dict()
+        config["api_key"] = "***" if config.get("api_key") else None
+        return {
+            "model": self.model_name,
+            "state": "running" if self.alive else "stopped",
+            "device": str(self.loaded.device),
+            "dtype": self.config.dtype,
+            "context_length": self.context_length,
+            "max_request_tokens": self.max_request_tokens,
+            "config": config,
+            "stats": self.stats(),
+            "counters": dict(self.counters),
         }
 
     def check_integrity(self) -> None:
@@ -312,6 +333,7 @@ class Engine:
         req.error = error
         req.finish_time = time.time()
         usage = Usage(req.num_prompt_tokens, len(req.output_ids), req.num_cached_tokens)
+        self.counters["finished_requests"] += 1
         handle = self._handles.pop(req.rid, None)
         if handle is not None:
             handle.put(
@@ -346,6 +368,8 @@ class Engine:
     def _record_step(
         self, batch: ScheduledBatch, out: StepOutput, generated: int, duration: float
     ) -> None:
+        self.counters["steps"] += 1
+        self.counters["generated_tokens"] += generated
         self.telemetry.append(
             StepRecord(
                 step_id=next(self._step_ids),
