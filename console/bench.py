@@ -741,3 +741,7 @@ def register(
     ) -> None:
         """Process launch -> first streamed token, each start in a fresh Python process."""
         bench_startup(config, fresh_cache, output_file)
+
+    from .bench_serve import register_serve
+
+    register_serve(bench_app)

@@ -34,7 +34,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from llmconsole.core.engine import RequestError
     from llmconsole.core.models.errors import ModelNotFoundError, UnsupportedModelError
 
-    return (CliError, ConfigError, RequestError, ModelNotFoundError, UnsupportedModelError)
+    return (
+        CliError,
+        ConfigError,
+        RequestError,
+        ModelNotFoundError,
+        UnsupportedModelError,
+        PermissionError,
+    )
 
 
 def start_engine(config: EngineConfig, quiet: bool = False) -> Any:
@@ -106,6 +113,42 @@ def generate(
             )
     finally:
         engine.shutdown()
+
+
+@app.command()
+@engine_flags
+def serve(*, config: EngineConfig) -> None:
+    """Run the engine and the OpenAI-compatible API headless (no console); Ctrl-C stops."""
+    import signal
+    import threading
+
+    from llmconsole.core.server import ApiServer, PortInUseError, bind_socket
+
+    try:
+        # Bind before loading the model: a busy port fails in a second, not after a load.
+        sock = bind_socket(config.host, config.port)
+    except PortInUseError as exc:
+        raise CliError(str(exc)) from None
+    try:
+        engine = start_engine(config)
+    except BaseException:
+        sock.close()
+        raise
+    server = ApiServer(engine, config.host, config.port, config.api_key, sock=sock)
+    server.start()
+    err.print(f"serving {engine.model_name} at [bold]{server.url}/v1[/bold]  (Ctrl-C to stop)")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        # Engine first: in-flight requests end with a final "error" chunk, then the API closes.
+        engine.shutdown()
+        server.stop()
+        err.print("stopped")
 
 
 def _register_bench() -> None:

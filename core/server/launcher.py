@@ -16,6 +16,19 @@ class PortInUseError(OSError):
     """The requested port is taken; the message says which."""
 
 
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Bind on the caller's thread, so a busy port is a clear error at once."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise PortInUseError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    return sock
+
+
 class ApiServer:
     """The OpenAI-compatible API of one engine. `port=0` picks a free port (see `url`)."""
 
@@ -26,19 +39,12 @@ class ApiServer:
         port: int = 8000,
         api_key: str | None = None,
         log_level: str = "warning",
+        sock: socket.socket | None = None,
     ) -> None:
         self.engine = engine
         self.host = host
         self.app = create_app(engine, api_key)
-        # Bind here, on the caller's thread, so a busy port is a clear error at once.
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self._socket = socket.socket(family, socket.SOCK_STREAM)
-        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            self._socket.bind((host, port))
-        except OSError as exc:
-            self._socket.close()
-            raise PortInUseError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        self._socket = sock or bind_socket(host, port)
         self.port = self._socket.getsockname()[1]
         config = uvicorn.Config(
             self.app, log_level=log_level, lifespan="off", timeout_graceful_shutdown=5
