@@ -600,9 +600,13 @@ def check_config(config: ServeBenchConfig) -> None:
 
 
 async def run_benchmark(
-    config: ServeBenchConfig, progress: Callable[[int, int], None] | None = None
+    config: ServeBenchConfig,
+    progress: Callable[[int, int], None] | None = None,
+    *,
+    transport: httpx.AsyncBaseTransport | None = None,
 ) -> ServeBenchResult:
-    """Run the whole load; `progress(done, total)` is called as each request finishes."""
+    """Run the whole load; `progress(done, total)` is called as each request finishes.
+    `transport` replaces the network (tests use httpx.MockTransport)."""
     check_config(config)
     specs = load_prompts(config)
     root = api_root(config.base_url)
@@ -614,7 +618,7 @@ async def run_benchmark(
         max_connections=config.max_concurrency, max_keepalive_connections=config.max_concurrency
     )
     timeout = httpx.Timeout(None, connect=CONNECT_TIMEOUT_S)
-    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+    async with httpx.AsyncClient(limits=limits, timeout=timeout, transport=transport) as client:
         model = await resolve_model(client, config, root)
         if config.warmup:
             first = PromptSpec(specs[0].prompt, min(specs[0].max_tokens, WARMUP_MAX_TOKENS))

@@ -333,6 +333,21 @@ class Engine:
         req.error = error
         req.finish_time = time.time()
         usage = Usage(req.num_prompt_tokens, len(req.output_ids), req.num_cached_tokens)
+        self.telemetry.append(
+            RequestRecord(
+                rid=req.rid,
+                arrival=req.arrival_time,
+                first_token=req.first_token_time,
+                finish=req.finish_time,
+                prompt_tokens=req.num_prompt_tokens,
+                cached_tokens=req.num_cached_tokens,
+                completion_tokens=len(req.output_ids),
+                accepted_draft_tokens=0,
+                finish_reason=reason.value,
+                retractions=req.num_retractions,
+                error=error or "",
+            )
+        )
         self.counters["finished_requests"] += 1
         handle = self._handles.pop(req.rid, None)
         if handle is not None:
@@ -349,21 +364,6 @@ class Engine:
                     prompt_logprobs,
                 )
             )
-        self.telemetry.append(
-            RequestRecord(
-                rid=req.rid,
-                arrival=req.arrival_time,
-                first_token=req.first_token_time,
-                finish=req.finish_time,
-                prompt_tokens=req.num_prompt_tokens,
-                cached_tokens=req.num_cached_tokens,
-                completion_tokens=len(req.output_ids),
-                accepted_draft_tokens=0,
-                finish_reason=reason.value,
-                retractions=req.num_retractions,
-                error=error or "",
-            )
-        )
 
     def _record_step(
         self, batch: ScheduledBatch, out: StepOutput, generated: int, duration: float
