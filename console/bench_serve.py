@@ -26,6 +26,7 @@ from typing import Any, NoReturn
 import httpx
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -502,6 +503,38 @@ def _headers(config: ServeBenchConfig) -> dict[str, str]:
     return {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
 
 
+@dataclass
+class _Stream:
+    """What one SSE response said, collected as it arrives."""
+
+    chunk_times: list[float]
+    usage: dict[str, Any] | None = None
+    error: str = ""
+    done_at: float | None = None  # when [DONE] arrived
+
+
+async def _read_stream(resp: httpx.Response, t0: float) -> _Stream:
+    """Read to the end even after [DONE]: an unread body would cost the keep-alive connection,
+    and the next request would pay a new connect inside its TTFT."""
+    stream = _Stream(chunk_times=[])
+    async for line in resp.aiter_lines():
+        now = time.perf_counter()
+        item = parse_sse_line(line)
+        if item is None or stream.done_at is not None:
+            continue
+        if isinstance(item, str):  # DONE
+            stream.done_at = now
+            continue
+        stream.error = chunk_error(item) or ""
+        if stream.error:
+            break
+        if chunk_text(item):
+            stream.chunk_times.append(now - t0)
+        if isinstance(item.get("usage"), dict):
+            stream.usage = item["usage"]
+    return stream
+
+
 async def send_request(
     client: httpx.AsyncClient,
     url: str,
@@ -511,45 +544,28 @@ async def send_request(
 ) -> RequestOutput:
     """Stream one request; any failure is recorded in the output, never raised."""
     start = time.perf_counter()
-    chunk_times: list[float] = []
-    usage: dict[str, Any] | None = None
-    error = ""
+    stream = _Stream(chunk_times=[])
     try:
         async with client.stream("POST", url, json=payload, headers=headers) as resp:
-            if resp.status_code != 200:
-                body = (await resp.aread()).decode("utf-8", errors="replace")
-                error = f"HTTP {resp.status_code}: {_one_line(body)}"
+            if resp.status_code == 200:
+                stream = await _read_stream(resp, t0)
             else:
-                async for line in resp.aiter_lines():
-                    now = time.perf_counter()
-                    item = parse_sse_line(line)
-                    if item is None:
-                        continue
-                    if isinstance(item, str):  # DONE
-                        break
-                    error = chunk_error(item) or ""
-                    if error:
-                        break
-                    if chunk_text(item):
-                        chunk_times.append(now - t0)
-                    if isinstance(item.get("usage"), dict):
-                        usage = item["usage"]
+                body = (await resp.aread()).decode("utf-8", errors="replace")
+                stream.error = f"HTTP {resp.status_code}: {_one_line(body)}"
     except (httpx.HTTPError, httpx.StreamError, OSError, ValueError) as exc:
-        error = describe_error(exc)
-    end = time.perf_counter()
-    if not error and not chunk_times:
+        stream.error = describe_error(exc)
+    end = stream.done_at if stream.done_at is not None else time.perf_counter()
+    error = stream.error
+    if not error and not stream.chunk_times:
         error = "the stream ended without any generated text"
-    tokens = len(chunk_times)
-    prompt_tokens = None
-    if usage is not None:
-        tokens = int(usage.get("completion_tokens", tokens))
-        prompt_tokens = usage.get("prompt_tokens")
+    usage = stream.usage or {}
+    prompt_tokens = usage.get("prompt_tokens")
     return RequestOutput(
         success=not error,
         start_s=start - t0,
         end_s=end - t0,
-        chunk_times_s=tuple(chunk_times),
-        output_tokens=tokens,
+        chunk_times_s=tuple(stream.chunk_times),
+        output_tokens=int(usage.get("completion_tokens", len(stream.chunk_times))),
         prompt_tokens=None if prompt_tokens is None else int(prompt_tokens),
         error=error,
     )
@@ -669,8 +685,7 @@ def _fmt(value: float | None, digits: int = 2) -> str:
 def result_tables(result: ServeBenchResult) -> tuple[Table, Table]:
     """SGLang's report as two tables: totals and rates, then latency percentiles."""
     cfg, m = result.config, result.metrics
-    title = f"bench serve: {result.model} at {api_root(cfg.base_url)} ({cfg.endpoint})"
-    totals = Table(title=title, title_justify="left")
+    totals = Table(title="serving benchmark", title_justify="left")
     totals.add_column("metric", no_wrap=True)
     totals.add_column("value", justify="right")
     rate = "inf" if math.isinf(cfg.request_rate) else _fmt(cfg.request_rate)
@@ -722,9 +737,9 @@ def _report_problems(result: ServeBenchResult) -> None:
     if result.metrics.failed:
         first = next(o.error for o in result.outputs if not o.success)
         err.print(
-            f"[yellow]{result.metrics.failed} request(s) failed; first error: {first}[/yellow]",
+            f"[yellow]{result.metrics.failed} request(s) failed; first error: "
+            f"{escape(first)}[/yellow]",
             highlight=False,
-            markup=True,
         )
     if result.no_usage:
         err.print(
@@ -756,7 +771,7 @@ def register_serve(bench_app: typer.Typer) -> None:
         random_input_len: int = typer.Option(1024, help="prompt words (~tokens), random"),
         random_output_len: int = typer.Option(1024, help="tokens to generate, random"),
         random_range_ratio: float = typer.Option(
-            0.0, help="random lengths are uniform in [len * ratio, len]"
+            0.0, help="random lengths are uniform from len * ratio to len"
         ),
         max_tokens: int | None = typer.Option(
             None, help=f"tokens per request, any dataset (builtin default {BUILTIN_MAX_TOKENS})"
@@ -796,6 +811,11 @@ def register_serve(bench_app: typer.Typer) -> None:
 
             result = asyncio.run(run_benchmark(config, progress=advance))
         out = Console()
+        out.print(
+            f"[bold]{result.model}[/bold] at {api_root(base_url)}: {endpoint}, {dataset}, "
+            f"{num_prompts} prompts",
+            highlight=False,
+        )
         for table in result_tables(result):
             out.print(table)
         _report_problems(result)
