@@ -32,6 +32,8 @@ from rich.table import Table
 
 from llmconsole.core.config import EngineConfig
 
+from .prompts import builtin_prompts
+
 if TYPE_CHECKING:
     from llmconsole.core import Engine
     from llmconsole.core.telemetry import Subscription
@@ -105,13 +107,6 @@ def _progress() -> Progress:
 
 
 # ---- prompts ----------------------------------------------------------------------------------
-
-
-def builtin_prompts() -> list[str]:
-    from importlib.resources import files
-
-    text = files("llmconsole.core").joinpath("data/prompts.json").read_text(encoding="utf-8")
-    return list(json.loads(text))
 
 
 def build_prompts(
@@ -742,6 +737,8 @@ def register(
         """Process launch -> first streamed token, each start in a fresh Python process."""
         bench_startup(config, fresh_cache, output_file)
 
+    from .bench_overhead import register_overhead
     from .bench_serve import register_serve
 
     register_serve(bench_app)
+    register_overhead(bench_app, engine_flags, start_engine)

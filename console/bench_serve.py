@@ -30,6 +30,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from .prompts import builtin_prompts
+
 ENDPOINTS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 DATASETS = ("builtin", "random", "sharegpt")
 BUILTIN_MAX_TOKENS = 128
@@ -276,13 +278,6 @@ def arrival_offsets(count: int, rate: float, seed: int) -> list[float]:
 
 
 # ---- datasets ----------------------------------------------------------------------------------
-
-
-def builtin_prompts() -> list[str]:
-    from importlib.resources import files
-
-    path = files("llmconsole.core") / "data" / "prompts.json"
-    return list(json.loads(path.read_text(encoding="utf-8")))
 
 
 def estimate_tokens(text: str) -> int:

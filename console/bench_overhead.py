@@ -1,0 +1,115 @@
+"""`llmconsole bench api-overhead`: the same prompts through HTTP and straight into the engine,
+in one process and one run, so the API's cost is a ratio measured side by side."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from llmconsole.core.config import EngineConfig
+
+from .bench import _append_jsonl, _RunRecords, machine_info, run_ours, warm_up
+from .prompts import builtin_prompts
+
+
+def register_overhead(bench_app: typer.Typer, engine_flags: Any, start_engine: Any) -> None:
+    @bench_app.command("api-overhead")
+    @engine_flags
+    def api_overhead(
+        num_prompts: int = typer.Option(64, help="requests in each run"),
+        concurrency: int = typer.Option(32, help="requests in flight"),
+        max_tokens: int = typer.Option(64, help="tokens per request (ignore_eos)"),
+        output_file: Path | None = typer.Option(None, help="append JSON rows here"),
+        *,
+        config: EngineConfig,
+    ) -> None:
+        """HTTP (official API, streamed) vs offline engine tok/s on the same prompts."""
+        from llmconsole.core.server import ApiServer
+
+        from .cli import CliError
+
+        for name, value in (
+            ("--num-prompts", num_prompts),
+            ("--concurrency", concurrency),
+            ("--max-tokens", max_tokens),
+        ):
+            if value < 1:
+                raise CliError(f"{name} must be >= 1, got {value}")
+        out = Console()
+        engine = start_engine(config)
+        try:
+            pool = builtin_prompts()  # bench serve's builtin dataset: the same texts, same order
+            texts = [pool[i % len(pool)] for i in range(num_prompts)]
+            with ApiServer(engine, host="127.0.0.1", port=0) as server:
+                http = _http_run(server.url, num_prompts, concurrency, max_tokens)
+            prompts = [engine.tokenize(t) for t in texts]
+            records = _RunRecords(engine)
+            warm_up(engine, records, prompts[0])
+            offline = run_ours(engine, records, prompts, max_tokens, concurrency)
+        finally:
+            engine.shutdown()
+        http_tok_s = http["output_throughput"]
+        ratio = http_tok_s / offline.output_tok_s
+        table = Table(title=f"{engine.model_name}: {num_prompts} prompts x {max_tokens} tokens")
+        for column in ("path", "concurrency", "output tokens", "seconds", "output tok/s"):
+            table.add_column(column, justify="right")
+        table.add_row(
+            "HTTP (streamed)",
+            str(concurrency),
+            str(http["total_output_tokens"]),
+            f"{http['duration_s']:.2f}",
+            f"{http_tok_s:.1f}",
+        )
+        table.add_row(
+            "offline engine",
+            str(concurrency),
+            str(offline.output_tokens),
+            f"{offline.seconds:.2f}",
+            f"{offline.output_tok_s:.1f}",
+        )
+        out.print(table)
+        out.print(f"HTTP / offline output tok/s: [bold]{ratio:.3f}[/bold]")
+        if output_file is not None:
+            row = {
+                "bench": "api-overhead",
+                "model": engine.model_name,
+                "num_prompts": num_prompts,
+                "concurrency": concurrency,
+                "max_tokens": max_tokens,
+                "http_output_tok_s": round(http_tok_s, 2),
+                "offline_output_tok_s": round(offline.output_tok_s, 2),
+                "ratio": round(ratio, 4),
+                "time": time.time(),
+                **machine_info(),
+            }
+            _append_jsonl(output_file, [row])
+
+
+def _http_run(base_url: str, num_prompts: int, concurrency: int, max_tokens: int) -> dict[str, Any]:
+    """`bench serve` in its own process, as a real client would be: it must not share this
+    process's GIL with the engine and the API thread it is measuring."""
+    from .cli import CliError
+
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "http.jsonl"
+        cmd = [
+            sys.executable, "-m", "llmconsole.console", "bench", "serve",
+            "--base-url", base_url, "--endpoint", "completions", "--dataset", "builtin",
+            "--num-prompts", str(num_prompts), "--max-concurrency", str(concurrency),
+            "--max-tokens", str(max_tokens), "--output-file", str(result),
+        ]  # fmt: skip
+        env = {**os.environ, "COLUMNS": "120"}
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if done.returncode != 0 or not result.exists():
+            raise CliError(f"the HTTP client failed: {done.stderr.strip().splitlines()[-1:]}")
+        return json.loads(result.read_text().splitlines()[-1])

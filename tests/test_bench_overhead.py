@@ -1,0 +1,23 @@
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_api_overhead_runs_both_paths_on_the_same_work(tmp_path: Path) -> None:
+    out = tmp_path / "rows.jsonl"
+    cmd = [
+        sys.executable, "-m", "llmconsole.console", "bench", "api-overhead",
+        "--num-prompts", "4", "--concurrency", "2", "--max-tokens", "4", "--output-file", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"}
+    )
+    assert done.returncode == 0, done.stderr
+    assert "HTTP / offline output tok/s" in done.stdout
+    row = json.loads(out.read_text().splitlines()[-1])
+    assert row["http_output_tok_s"] > 0 and row["offline_output_tok_s"] > 0
+    assert row["ratio"] == round(row["http_output_tok_s"] / row["offline_output_tok_s"], 4)
