@@ -96,13 +96,8 @@ def _build_model(
     report: Progress,
 ) -> LlamaForCausalLM:
     report("building model", 0.0)
-    default_dtype = torch.get_default_dtype()
-    try:
-        torch.set_default_dtype(dtype)  # parameters are born in their final dtype and place
-        with device:
-            model = LlamaForCausalLM(model_config)
-    finally:
-        torch.set_default_dtype(default_dtype)
+    with device:  # parameters are born in their final dtype and place
+        model = LlamaForCausalLM(model_config, dtype)
     model.rotary.reset()
     if source.kind == "dummy":
         report("random weights", 0.5)
