@@ -107,6 +107,8 @@ class SamplingParams:
         if self.top_k != -1 and self.top_k < 1:
             raise ValueError(f"top_k must be -1 (disabled) or >= 1, got {self.top_k}")
         _check_int("seed", self.seed, optional=True)
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            raise ValueError(f"seed must fit in 64 bits, got {self.seed}")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             _check_int(name, value, optional=True)

@@ -209,10 +209,29 @@ def _assert_error(resp: httpx.Response, status: int, needle: str) -> None:
         ({"prompt": "hi", "logprobs": 99}, "logprobs"),
         ({"prompt": [10**9]}, "vocabulary"),
         ({"prompt": ""}, "empty"),
+        ({"prompt": "hi", "seed": 2**70}, "seed"),
+        ({"prompt": "hi", "repetition_penalty": 0}, "repetition_penalty"),
+        ({"prompt": "hi", "stop": ["", "x"]}, "stop"),
+        ({"prompt": "hi", "best_of": 3}, "best_of"),
+        ({"prompt": "hi", "temperature": "hot"}, "temperature"),
     ],
 )
 def test_invalid_completion_requests_are_400(server, body, needle) -> None:
     _assert_error(_post(server, "/v1/completions", json=body), 400, needle)
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, "role"),
+        ({"messages": CHAT, "top_logprobs": 3}, "top_logprobs"),
+        ({"messages": CHAT, "max_completion_tokens": 0}, "max_tokens"),
+        ({"messages": "hello"}, "messages"),
+    ],
+)
+def test_invalid_chat_requests_are_400(server, body, needle) -> None:
+    _assert_error(_post(server, "/v1/chat/completions", json=body), 400, needle)
 
 
 def test_malformed_json_is_400(server) -> None:

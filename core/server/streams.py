@@ -100,16 +100,20 @@ def sampling_params(
 ) -> SamplingParams:
     """OpenAI fields -> SamplingParams; OpenAI's defaults where a field is absent."""
     stop = body.stop
+
+    def given(value: Any, default: Any) -> Any:  # not `or`: 0 is a value, and may be invalid
+        return default if value is None else value
+
     kwargs: dict[str, Any] = {
         "max_tokens": max_tokens,
-        "temperature": 1.0 if body.temperature is None else body.temperature,
-        "top_p": 1.0 if body.top_p is None else body.top_p,
-        "top_k": -1 if body.top_k is None or body.top_k == 0 else body.top_k,
-        "min_p": body.min_p or 0.0,
-        "min_tokens": body.min_tokens or 0,
-        "repetition_penalty": body.repetition_penalty or 1.0,
-        "frequency_penalty": body.frequency_penalty or 0.0,
-        "presence_penalty": body.presence_penalty or 0.0,
+        "temperature": given(body.temperature, 1.0),
+        "top_p": given(body.top_p, 1.0),
+        "top_k": -1 if body.top_k is None or body.top_k == 0 else body.top_k,  # 0 = off (vLLM)
+        "min_p": given(body.min_p, 0.0),
+        "min_tokens": given(body.min_tokens, 0),
+        "repetition_penalty": given(body.repetition_penalty, 1.0),
+        "frequency_penalty": given(body.frequency_penalty, 0.0),
+        "presence_penalty": given(body.presence_penalty, 0.0),
         "seed": body.seed,
         "stop": () if stop is None else ((stop,) if isinstance(stop, str) else tuple(stop)),
         "stop_token_ids": tuple(body.stop_token_ids or ()),
