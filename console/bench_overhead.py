@@ -18,7 +18,8 @@ from rich.table import Table
 
 from llmconsole.core.config import EngineConfig
 
-from .bench import _append_jsonl, _RunRecords, machine_info, run_ours, warm_up
+from .bench_common import append_jsonl, machine_info
+from .bench_runs import RunRecords, run_ours, warm_up
 from .prompts import builtin_prompts
 
 
@@ -53,7 +54,7 @@ def register_overhead(bench_app: typer.Typer, engine_flags: Any, start_engine: A
             with ApiServer(engine, host="127.0.0.1", port=0) as server:
                 http = _http_run(server.url, num_prompts, concurrency, max_tokens)
             prompts = [engine.tokenize(t) for t in texts]
-            records = _RunRecords(engine)
+            records = RunRecords(engine)
             warm_up(engine, records, prompts[0])
             offline = run_ours(engine, records, prompts, max_tokens, concurrency)
         finally:
@@ -92,7 +93,7 @@ def register_overhead(bench_app: typer.Typer, engine_flags: Any, start_engine: A
                 "time": time.time(),
                 **machine_info(),
             }
-            _append_jsonl(output_file, [row])
+            append_jsonl(output_file, [row])
 
 
 def _http_run(base_url: str, num_prompts: int, concurrency: int, max_tokens: int) -> dict[str, Any]:

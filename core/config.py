@@ -161,7 +161,8 @@ class EngineConfig:
             mem_fraction_static=self.mem_fraction_static or (0.88 if on_gpu else None),
             max_total_tokens=self.max_total_tokens
             or (None if on_gpu else CPU_DEFAULT_MAX_TOTAL_TOKENS),
+            # "auto" becomes flashinfer on CUDA once that backend lands; torch runs everywhere.
             attention_backend=self.attention_backend
             if self.attention_backend != "auto"
-            else ("flashinfer" if on_gpu else "torch"),
+            else "torch",
         )

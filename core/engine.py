@@ -158,6 +158,8 @@ class Engine:
         if self._thread.is_alive():
             self._inbox.put(_Shutdown())
             self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self.pool.release()  # a stopped engine holds no KV memory (GPU memory goes back)
 
     def __enter__(self) -> Engine:
         return self

@@ -143,6 +143,13 @@ class KVPool:
     def page_size(self) -> int:
         return self.spec.page_size
 
+    def release(self) -> None:
+        """Drop the buffers (at shutdown / before a rebuild) so their memory can be reused."""
+        self.k.clear()
+        self.v.clear()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def write(self, layer_id: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         # slots: [T]; k, v: [T, Hkv, D]
         self.k[layer_id].index_copy_(0, slots, k)

@@ -98,7 +98,6 @@ def _build_model(
     report("building model", 0.0)
     with device:  # parameters are born in their final dtype and place
         model = LlamaForCausalLM(model_config, dtype)
-    model.rotary.reset()
     if source.kind == "dummy":
         report("random weights", 0.5)
         model.init_random(seed=config.seed)

@@ -183,7 +183,10 @@ def _exponential_noise(like: Tensor, generators: tuple[torch.Generator | None, .
     if len(seeded) < like.shape[0]:
         q.exponential_()  # one batched draw from the global RNG
     for i in seeded:  # the only per-row loop
-        q[i] = torch.empty_like(like[i]).exponential_(generator=generators[i])
+        gen = generators[i]
+        # Drawn where the generator lives (requests keep CPU generators), then moved.
+        row = torch.empty(like.shape[1], dtype=like.dtype, device=gen.device)
+        q[i] = row.exponential_(generator=gen).to(like.device, non_blocking=True)
     # exponential_ can in principle return 0; a 0 denominator would turn prob 0 into nan.
     return q.clamp_min_(torch.finfo(q.dtype).tiny)
 

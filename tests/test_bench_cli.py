@@ -13,7 +13,8 @@ import pytest
 from typer.testing import CliRunner
 
 from llmconsole.console import cli
-from llmconsole.console.bench import _percentile, builtin_prompts
+from llmconsole.console.bench_runs import _percentile
+from llmconsole.console.prompts import builtin_prompts
 
 
 @pytest.fixture(scope="module")

@@ -25,27 +25,25 @@ import pytest
 from typer.testing import CliRunner
 
 from llmconsole.console import cli
-from llmconsole.console.bench_serve import (
+from llmconsole.console.loadgen.client import api_root, describe_error
+from llmconsole.console.loadgen.config import ServeBenchConfig
+from llmconsole.console.loadgen.datasets import (
     BUILTIN_MAX_TOKENS,
-    DONE,
     PromptSpec,
-    RequestOutput,
-    ServeBenchConfig,
-    api_root,
-    arrival_offsets,
-    build_payload,
-    builtin_prompts,
-    chunk_error,
-    chunk_text,
-    compute_metrics,
-    describe_error,
     load_prompts,
-    parse_sse_line,
-    percentile,
     random_prompts,
     sharegpt_pairs,
-    summarize_ms,
 )
+from llmconsole.console.loadgen.protocol import (
+    DONE,
+    build_payload,
+    chunk_error,
+    chunk_text,
+    parse_sse_line,
+)
+from llmconsole.console.loadgen.results import RequestOutput, compute_metrics
+from llmconsole.console.loadgen.stats import arrival_offsets, percentile, summarize_ms
+from llmconsole.console.prompts import builtin_prompts
 
 CliError = cli.CliError
 
@@ -246,9 +244,9 @@ def test_bad_input_is_a_one_line_cli_error(overrides: dict[str, Any], message: s
 
 
 def test_sharegpt_without_file_or_package(monkeypatch: pytest.MonkeyPatch) -> None:
-    from llmconsole.console import bench_serve
+    from llmconsole.console.loadgen import datasets
 
-    monkeypatch.setattr(bench_serve, "find_sharegpt_file", lambda: None)
+    monkeypatch.setattr(datasets, "find_sharegpt_file", lambda: None)
     with pytest.raises(CliError, match="needs --dataset-path"):
         load_prompts(ServeBenchConfig(dataset="sharegpt", num_prompts=1))
 
@@ -313,7 +311,7 @@ class FakeOpenAI:
 
 
 async def run_fake(config: ServeBenchConfig, fake: FakeOpenAI | None = None, **kw: Any):
-    from llmconsole.console.bench_serve import run_benchmark
+    from llmconsole.console.loadgen.client import run_benchmark
 
     transport = httpx.MockTransport(fake or FakeOpenAI())
     return await run_benchmark(config, transport=transport, **kw)
@@ -432,7 +430,7 @@ def _server_available() -> bool:
 
 @pytest.mark.skipif(not _server_available(), reason="llmconsole.core.server is not there yet")
 def test_end_to_end_on_our_server(engine) -> None:
-    from llmconsole.console.bench_serve import run_benchmark
+    from llmconsole.console.loadgen.client import run_benchmark
     from llmconsole.core.server import ApiServer
 
     server = ApiServer(engine, host="127.0.0.1", port=0)

@@ -47,10 +47,6 @@ def test_auto_values_resolve_per_device() -> None:
     assert (cpu.device, cpu.dtype, cpu.attention_backend) == ("cpu", "float32", "torch")
     assert cpu.max_total_tokens and cpu.chunked_prefill_size and cpu.max_running_requests
     gpu = EngineConfig().resolve("cuda", gpu_memory_gb=79.2)
-    assert (gpu.dtype, gpu.cuda_graph_max_bs, gpu.attention_backend) == (
-        "bfloat16",
-        256,
-        "flashinfer",
-    )
+    assert (gpu.dtype, gpu.cuda_graph_max_bs, gpu.attention_backend) == ("bfloat16", 256, "torch")
     assert EngineConfig(cuda_graph_max_bs=32).resolve("cuda", 79.2).cuda_graph_max_bs == 32
     assert [cuda_graph_max_bs_for_memory(g) for g in (16, 24, 40, 79.2)] == [8, 24, 32, 256]

@@ -72,16 +72,10 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.config = config
-        with torch.device("cpu"):  # real numbers even when the model is built on "meta"
+        device = torch.empty(0).device  # where the model is being built (`with torch.device`)
+        with torch.device("cpu"):  # transformers' rope maths, computed once on the host
             inv_freq, self.scale = config.rope_inv_freq()
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-
-    def reset(self) -> None:
-        """Recompute the (fp32) frequencies after `to_empty`/dtype casts wiped them."""
-        with torch.device("cpu"):
-            inv_freq, self.scale = self.config.rope_inv_freq()
-        self.inv_freq = inv_freq.to(self.inv_freq.device)
+        self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)  # fp32, always
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
