@@ -26,11 +26,21 @@ class TorchAttention(AttentionBackend):
         # One flat index: index_select is several times faster than 2-D advanced indexing.
         self._kv_flat = inputs.kv_slots.reshape(-1).to(device, non_blocking=True)
         key_pos = torch.arange(max_kv)
+        self._is_causal = False
+        mask: torch.Tensor | None
         if inputs.is_decode:
             self._q_index = None
             self._out_index = None
-            # mask: [B, 1, 1, max_kv]
-            mask = (key_pos[None, :] < kv_lens[:, None])[:, None, None, :]
+            # mask: [B, 1, 1, max_kv]; none needed when every request has max_kv keys
+            mask = None
+            if bool((kv_lens != max_kv).any()):
+                mask = (key_pos[None, :] < kv_lens[:, None])[:, None, None, :]
+        elif bsz == 1 and int(prefix[0]) == 0:
+            # One fresh prompt: plain causal attention, no padding, no mask to build.
+            self._q_index = None
+            self._out_index = None
+            self._is_causal = True
+            mask = None
         else:
             q_off = torch.arange(max_extend)
             valid_q = q_off[None, :] < extend[:, None]  # [B, Qmax]
@@ -45,7 +55,7 @@ class TorchAttention(AttentionBackend):
             self._out_index = (torch.arange(bsz)[:, None] * max_extend + q_off[None, :])[
                 valid_q
             ].to(device)
-        self._mask = mask.to(device)
+        self._mask = None if mask is None else mask.to(device)
         self._shape = (bsz, max_extend, max_kv)
 
     def forward(
@@ -63,7 +73,9 @@ class TorchAttention(AttentionBackend):
         keys = self.pool.k[layer_id].index_select(0, self._kv_flat).view(kv_shape)
         values = self.pool.v[layer_id].index_select(0, self._kv_flat).view(kv_shape)
         keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # [B, Hkv, Kmax, D]
-        if self._q_index is None:
+        if self._is_causal:
+            queries = q[None]  # [1, T, H, D]
+        elif self._q_index is None:
             queries = q[:, None]  # [B, 1, H, D]
         else:
             padded = torch.cat([q, q.new_zeros(1, heads, head_dim)])
@@ -73,6 +85,7 @@ class TorchAttention(AttentionBackend):
             keys,
             values,
             attn_mask=self._mask,
+            is_causal=self._is_causal,
             scale=scale,
             enable_gqa=keys.shape[1] != heads,
         )  # [B, H, Qmax, D]
