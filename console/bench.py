@@ -43,6 +43,9 @@ def register(
             False, "--compare-hf", help="also time transformers' generate() on the same ids"
         ),
         hf_batch1_prompts: int = typer.Option(4, help="prompts for the batch-1 comparison"),
+        rounds: int = typer.Option(
+            1, help="with --compare-hf: alternate ours and transformers N times, median ratio"
+        ),
         output_file: Path | None = OFFLINE_OUTPUT,
         *,
         config: EngineConfig,
@@ -58,6 +61,7 @@ def register(
             compare_hf=compare_hf,
             hf_batch1_prompts=hf_batch1_prompts,
             output_file=output_file,
+            rounds=rounds,
         )
         bench_offline(args, config, start_engine)
 

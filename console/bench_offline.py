@@ -7,6 +7,7 @@ same token ids, decodes greedily and makes each request produce exactly `--max-t
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -91,6 +92,7 @@ class OfflineArgs:
     compare_hf: bool
     hf_batch1_prompts: int
     output_file: Path | None
+    rounds: int = 1  # alternate ours / transformers this many times; report the median ratio
 
     def check(self) -> None:
         """Fail before the model loads, so a typo costs no waiting."""
@@ -99,8 +101,25 @@ class OfflineArgs:
         check_min("--max-tokens", self.max_tokens)
         check_min("--input-len", self.input_len)
         check_min("--hf-batch1-prompts", self.hf_batch1_prompts)
+        check_min("--rounds", self.rounds)
         if self.dataset not in DATASETS:
             fail(f"--dataset must be one of {', '.join(DATASETS)}; got {self.dataset!r}")
+
+
+def median_ratios(pairs: list[tuple[str, RunStats, RunStats]]) -> str:
+    """One line per setting: the median of the per-round ratios, with their range."""
+    by_setting: dict[str, list[float]] = {}
+    for label, ours, ref in pairs:
+        by_setting.setdefault(label, []).append(ours.output_tok_s / ref.output_tok_s)
+    lines = []
+    for label, ratios in by_setting.items():
+        ratios.sort()
+        median = statistics.median(ratios)
+        lines.append(
+            f"{label}: median ratio {median:.2f}x over {len(ratios)} rounds "
+            f"(min {ratios[0]:.2f}x, max {ratios[-1]:.2f}x)"
+        )
+    return "\n".join(lines)
 
 
 def _check_fits(engine: Engine, prompts: list[list[int]], max_tokens: int) -> None:
@@ -142,13 +161,23 @@ def bench_offline(
         runs: list[tuple[str, RunStats]] = [("all prompts", main)]
         pairs: list[tuple[str, RunStats, RunStats]] = []
         if args.compare_hf:
-            runs, pairs = _compare_hf(engine, records, prompts, args, main)
+            reference = HFReference(engine)
+            runs, pairs = _compare_hf(engine, records, prompts, args, main, reference)
+            for _ in range(args.rounds - 1):  # interleaved, so slow spells hit both sides
+                again = run_ours(engine, records, prompts, args.max_tokens, args.concurrency)
+                more_runs, more_pairs = _compare_hf(
+                    engine, records, prompts, args, again, reference
+                )
+                runs += more_runs
+                pairs += more_pairs
     finally:
         engine.shutdown()
 
-    out.print(runs_table(runs))
+    out.print(runs_table(runs[:4]))
     if pairs:
         out.print(comparison_table(pairs))
+    if args.rounds > 1 and pairs:
+        out.print(median_ratios(pairs))
     if args.output_file is not None:
         common = {
             "model": engine.model_name,
@@ -171,13 +200,13 @@ def _compare_hf(
     prompts: list[list[int]],
     args: OfflineArgs,
     main: RunStats,
+    reference: HFReference,
 ) -> tuple[list[tuple[str, RunStats]], list[tuple[str, RunStats, RunStats]]]:
     """Batch-1 decode (first few prompts, one at a time) and batched (all prompts at batch C)."""
     first = prompts[: args.hf_batch1_prompts]
     k = len(first)
     same_as_main = main.batch == 1 and k == len(prompts)
     ours_b1 = main if same_as_main else run_ours(engine, records, first, args.max_tokens, 1)
-    reference = HFReference(engine)
     ref_b1 = reference.run(first, args.max_tokens, 1)
     ref_bc = ref_b1 if same_as_main else reference.run(prompts, args.max_tokens, main.batch)
     runs = [("all prompts", main)]

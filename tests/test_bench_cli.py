@@ -54,6 +54,20 @@ def test_offline_counts_exactly_max_tokens_per_request(invoke, tmp_path: Path) -
     assert row["cpu_count"] == os.cpu_count() and "torch_version" in row
 
 
+def test_compare_hf_rounds_alternate_and_report_a_median(invoke, tmp_path: Path) -> None:
+    out_file = tmp_path / "rounds.jsonl"
+    args = ("--num-prompts", "1", "--concurrency", "1", "--max-tokens", "2", "--hf-batch1-prompts")
+    result = invoke(
+        "offline", *args, "1", "--compare-hf", "--rounds", "2", "--output-file", str(out_file)
+    )
+    assert result.exit_code == 0, result.output
+    assert "median ratio" in result.stdout and "over 2 rounds" in result.stdout
+    rows = read_rows(out_file)
+    systems = [r["system"] for r in rows]
+    assert systems.count("llmconsole") == 2 and systems.count("transformers") == 2
+    assert all(r["output_tokens"] == 2 for r in rows)  # both sides made exactly the same work
+
+
 def test_offline_random_dataset(invoke, tmp_path: Path) -> None:
     out_file = tmp_path / "random.jsonl"
     args = ("--dataset", "random", "--input-len", "16", "--num-prompts", "2", "--max-tokens", "2")
