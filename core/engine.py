@@ -33,6 +33,10 @@ class RequestError(ValueError):
     affected."""
 
 
+class EngineStoppedError(RuntimeError):
+    """The engine has shut down and takes no more requests."""
+
+
 @dataclass(frozen=True)
 class _Submit:
     req: Request
@@ -120,7 +124,7 @@ class Engine:
         With `sink`, deltas are handed to it on the engine thread (it must not block) instead of
         being queued for iteration."""
         if self._stopped.is_set():
-            raise RuntimeError("the engine has shut down")
+            raise EngineStoppedError("the engine has shut down")
         params = params or SamplingParams()
         prompt_ids = self.tokenize(prompt)
         rid = rid or f"req-{next(self._ids)}"

@@ -329,3 +329,14 @@ def _greedy(n: int):
     from llmconsole.core import SamplingParams
 
     return SamplingParams(max_tokens=n, temperature=0)
+
+
+def test_a_stopped_engine_answers_503_not_500(tmp_path) -> None:
+    from llmconsole.core import EngineConfig
+
+    with Engine(EngineConfig(model="tiny-llama", load_format="dummy")) as tiny:
+        with ApiServer(tiny, port=0) as srv:
+            tiny.shutdown()
+            resp = _post(srv, "/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 2})
+            _assert_error(resp, 503, "shut down")
+            assert httpx.get(srv.url + "/health").status_code == 503

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..engine import Engine, RequestError
+from ..engine import Engine, EngineStoppedError, RequestError
 from ..outputs import Delta, GenerationResult
 from ..sampling_params import SamplingParams
 from .errors import APIError
@@ -72,6 +72,10 @@ def submit_choices(
                 if params.seed is not None and i:
                     p = _with(params, seed=params.seed + i)
                 choices.append(Choice(len(choices), DeltaStream(engine, prompt, p)))
+    except EngineStoppedError as exc:
+        for choice in choices:
+            choice.stream.abort()
+        raise APIError(503, str(exc), "service_unavailable") from None
     except RequestError as exc:
         for choice in choices:
             choice.stream.abort()
