@@ -6,13 +6,34 @@ The ragged batch is padded to [B, max_extend] queries and [B, max_kv] keys once 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ..kv_cache import KVPool
 from .base import AttentionBackend, AttentionInputs
+
+# cuDNN's SDPA builds (and caches) an execution plan per sequence length: every decode step has a
+# new KV length, so on CUDA it re-plans every step (~40 ms each on an H100). The other kernels
+# take any length.
+_CUDA_SDPA_BACKENDS = [
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.MATH,
+]
 
 
 class TorchAttention(AttentionBackend):
+    def __init__(self, pool: KVPool) -> None:
+        super().__init__(pool)
+        self._kernels = (
+            (lambda: sdpa_kernel(_CUDA_SDPA_BACKENDS))
+            if pool.device.type == "cuda"
+            else contextlib.nullcontext
+        )
+
     def plan(self, inputs: AttentionInputs) -> None:
         device = self.pool.device
         extend = inputs.extend_lens
@@ -80,14 +101,15 @@ class TorchAttention(AttentionBackend):
         else:
             padded = torch.cat([q, q.new_zeros(1, heads, head_dim)])
             queries = padded[self._q_index]  # [B, Qmax, H, D]
-        out = F.scaled_dot_product_attention(
-            queries.transpose(1, 2),
-            keys,
-            values,
-            attn_mask=self._mask,
-            is_causal=self._is_causal,
-            scale=scale,
-            enable_gqa=keys.shape[1] != heads,
-        )  # [B, H, Qmax, D]
+        with self._kernels():
+            out = F.scaled_dot_product_attention(
+                queries.transpose(1, 2),
+                keys,
+                values,
+                attn_mask=self._mask,
+                is_causal=self._is_causal,
+                scale=scale,
+                enable_gqa=keys.shape[1] != heads,
+            )  # [B, H, Qmax, D]
         out = out.transpose(1, 2).reshape(bsz * max_extend, heads, head_dim)
         return out if self._out_index is None else out[self._out_index]
