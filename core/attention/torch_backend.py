@@ -46,6 +46,13 @@ class TorchAttention(AttentionBackend):
         self._write_slots = inputs.write_slots.to(device, non_blocking=True)
         # One flat index: index_select is several times faster than 2-D advanced indexing.
         self._kv_flat = inputs.kv_slots.reshape(-1).to(device, non_blocking=True)
+        # A lone request whose slots are one contiguous run (the allocator hands out ascending
+        # pages) reads its KV as a view of the pool: no gather at all.
+        self._kv_run: tuple[int, int] | None = None
+        if bsz == 1:
+            first = int(inputs.kv_slots[0, 0])
+            if torch.equal(inputs.kv_slots[0], torch.arange(first, first + max_kv)):
+                self._kv_run = (first, first + max_kv)
         key_pos = torch.arange(max_kv)
         self._is_causal = False
         mask: torch.Tensor | None
@@ -91,8 +98,13 @@ class TorchAttention(AttentionBackend):
         bsz, max_extend, max_kv = self._shape
         heads, head_dim = q.shape[1], q.shape[2]
         kv_shape = (bsz, max_kv, k.shape[1], head_dim)
-        keys = self.pool.k[layer_id].index_select(0, self._kv_flat).view(kv_shape)
-        values = self.pool.v[layer_id].index_select(0, self._kv_flat).view(kv_shape)
+        if self._kv_run is not None:
+            start, end = self._kv_run
+            keys = self.pool.k[layer_id][start:end].view(kv_shape)
+            values = self.pool.v[layer_id][start:end].view(kv_shape)
+        else:
+            keys = self.pool.k[layer_id].index_select(0, self._kv_flat).view(kv_shape)
+            values = self.pool.v[layer_id].index_select(0, self._kv_flat).view(kv_shape)
         keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # [B, Hkv, Kmax, D]
         if self._is_causal:
             queries = q[None]  # [1, T, H, D]
