@@ -30,7 +30,11 @@ from .telemetry import EngineEvent, RequestRecord, StepRecord, Subscription, Tel
 
 class RequestError(ValueError):
     """A request that cannot be served as asked (too long, empty, no tokenizer); nothing else is
-    affected."""
+    affected. `code` is OpenAI's error code where one applies."""
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class EngineStoppedError(RuntimeError):
@@ -211,14 +215,16 @@ class Engine:
         if n >= limit:
             raise RequestError(
                 f"the prompt has {n} tokens; this engine serves at most {limit - 1} prompt tokens "
-                f"(context length {self.context_length}, KV pool {self.scheduler.capacity_tokens})"
+                f"(context length {self.context_length}, KV pool {self.scheduler.capacity_tokens})",
+                "context_length_exceeded",
             )
         if params.max_tokens is None:
             return limit - n
         if n + params.max_tokens > limit:
             raise RequestError(
                 f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) = "
-                f"{n + params.max_tokens} exceeds the limit of {limit} tokens"
+                f"{n + params.max_tokens} exceeds the limit of {limit} tokens",
+                "context_length_exceeded",
             )
         return params.max_tokens
 
@@ -242,11 +248,18 @@ class Engine:
             generated = self._process(batch, out)
             self._record_step(batch, out, generated, time.perf_counter() - started)
             if not self.scheduler.has_work():
-                self.check_integrity()
+                self._check_when_idle()
         self._stopped.set()
         for req in list(self.scheduler.requests()):
             self._finish(req, FinishReason.ABORT, "the engine shut down")
         self._event("shutdown", "engine stopped")
+
+    def _check_when_idle(self) -> None:
+        # A broken invariant is reported, never allowed to kill the engine thread.
+        try:
+            self.check_integrity()
+        except AssertionError as exc:
+            self._event("error", f"KV integrity check failed: {exc}")
 
     def _drain_inbox(self, block: bool) -> bool:
         """Apply every queued command; False once shutdown was asked for."""

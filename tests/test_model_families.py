@@ -94,3 +94,16 @@ def test_random_weights_of_a_named_shape_run() -> None:
         assert engine.tokenizer is None
         out = engine.generate([[1, 2, 3]], SamplingParams(max_tokens=5, ignore_eos=True))[0]
     assert len(out.token_ids) == 5 and out.finish_reason == "length"
+
+
+def test_a_broken_kv_invariant_is_reported_and_serving_goes_on() -> None:
+    from llmconsole.core.telemetry import EngineEvent, of_type
+
+    with Engine(EngineConfig(model="tiny-llama", load_format="dummy")) as engine:
+        engine.allocator.alloc(1)  # a page nobody owns: the idle check must notice it
+        params = SamplingParams(max_tokens=3, ignore_eos=True)
+        first = engine.generate([[1, 2, 3]], params)[0]
+        second = engine.generate([[4, 5]], params)[0]
+        events = of_type(engine.telemetry.snapshot(), EngineEvent)
+    assert len(first.token_ids) == 3 and len(second.token_ids) == 3
+    assert any(e.kind == "error" and "integrity" in e.message for e in events)

@@ -8,6 +8,7 @@ that disconnected, a cancelled handler — aborts the engine request so its KV p
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -70,7 +71,7 @@ def submit_choices(
             for i in range(n):
                 p = params
                 if params.seed is not None and i:
-                    p = _with(params, seed=params.seed + i)
+                    p = dataclasses.replace(params, seed=params.seed + i)
                 choices.append(Choice(len(choices), DeltaStream(engine, prompt, p)))
     except EngineStoppedError as exc:
         for choice in choices:
@@ -79,17 +80,9 @@ def submit_choices(
     except RequestError as exc:
         for choice in choices:
             choice.stream.abort()
-        code = (
-            "context_length_exceeded" if "exceeds" in str(exc) or "prompt has" in str(exc) else None
-        )
-        raise APIError(400, str(exc), param="prompt" if code else None, code=code) from None
+        param = "prompt" if exc.code == "context_length_exceeded" else None
+        raise APIError(400, str(exc), param=param, code=exc.code) from None
     return choices
-
-
-def _with(params: SamplingParams, **changes: Any) -> SamplingParams:
-    import dataclasses
-
-    return dataclasses.replace(params, **changes)
 
 
 _PARAM_NAME = re.compile(r"^([a-z_]+)")
