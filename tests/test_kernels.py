@@ -1,0 +1,506 @@
+"""Our Triton kernels against their torch references: on CPU through Triton's interpreter (fp32,
+small awkward shapes), on the GPU in bf16 at real shapes (`-m gpu`)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import traceback
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from llmconsole.core.attention import AttentionInputs, TorchAttention, make_backend
+from llmconsole.core.kv_cache import KVPool, KVPoolSpec
+
+# ---- shared builders ---------------------------------------------------------------------------
+
+
+def page_tables(
+    kv_lens: list[int], page_size: int, gen: torch.Generator
+) -> tuple[torch.Tensor, int]:
+    """kv_slots [B, max_kv] over shuffled (non-contiguous) pages, padded with slot 0, and the
+    number of pages the pool needs (page 0 is the dummy page)."""
+    pages_each = [-(-n // page_size) for n in kv_lens]
+    num_pages = 1 + sum(pages_each) + 3  # a few spare pages, never referenced
+    order = (torch.randperm(num_pages - 1, generator=gen) + 1).tolist()
+    kv_slots = torch.zeros(len(kv_lens), max(max(kv_lens), 1), dtype=torch.int64)
+    for i, (n, count) in enumerate(zip(kv_lens, pages_each, strict=True)):
+        pages = torch.tensor([order.pop() for _ in range(count)], dtype=torch.int64)
+        slots = (pages[:, None] * page_size + torch.arange(page_size)).reshape(-1)
+        kv_slots[i, :n] = slots[:n]
+    return kv_slots, num_pages
+
+
+def random_pool(
+    num_slots: int, num_kv_heads: int, head_dim: int, page_size: int, **kw: object
+) -> tuple[torch.Tensor, torch.Tensor]:
+    k_pool = torch.randn(num_slots, num_kv_heads, head_dim, **kw)  # type: ignore[arg-type]
+    v_pool = torch.randn(num_slots, num_kv_heads, head_dim, **kw)  # type: ignore[arg-type]
+    k_pool[:page_size] = 0  # the dummy page, as KVPool keeps it
+    v_pool[:page_size] = 0
+    return k_pool, v_pool
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual.float() - expected.float()).norm() / expected.float().norm())
+
+
+def step_inputs(
+    spans: list[tuple[int, int]], page_size: int, gen: torch.Generator
+) -> tuple[AttentionInputs, int]:
+    """AttentionInputs for requests given as (prefix_len, extend_len), as the runner builds them."""
+    kv_slots, num_pages = page_tables([p + e for p, e in spans], page_size, gen)
+    write = [kv_slots[i, p : p + e] for i, (p, e) in enumerate(spans)]
+    inputs = AttentionInputs(
+        prefix_lens=torch.tensor([p for p, _ in spans]),
+        extend_lens=torch.tensor([e for _, e in spans]),
+        kv_slots=kv_slots,
+        write_slots=torch.cat(write),
+        is_decode=all(e == 1 for _, e in spans),
+    )
+    return inputs, num_pages
+
+
+# ---- CPU: interpreted checks -------------------------------------------------------------------
+# TRITON_INTERPRET is read when `triton` itself is imported (its standard library, tl.sum and
+# friends, is @jit code) and whenever @triton.jit is applied. This pytest process may already
+# hold compiled kernels (the GPU tests below, another module), so the interpreted checks run in
+# one child process that sets the variable before anything imports triton; each check is
+# reported as its own test.
+
+CHECKS: dict[str, Callable[[], None]] = {}
+
+
+def check(name: str) -> Callable[[Callable[[], None]], Callable[[], None]]:
+    def register(fn: Callable[[], None]) -> Callable[[], None]:
+        CHECKS[name] = fn
+        return fn
+
+    return register
+
+
+@check("rms_norm")
+def _check_rms_norm() -> None:
+    from llmconsole.kernels import norm
+
+    wide = torch.randn(7, 128)
+    x = wide[:, :96]  # odd hidden size, strided rows
+    weight = torch.randn(96)
+    torch.testing.assert_close(norm.rms_norm(x, weight, 1e-6), norm.rms_norm_ref(x, weight, 1e-6))
+    expected = norm.rms_norm_ref(x, weight, 1e-5)
+    assert norm.rms_norm(x, weight, 1e-5, out=x) is x  # in place
+    torch.testing.assert_close(x, expected)
+
+
+@check("fused_add_rms_norm")
+def _check_fused_add_rms_norm() -> None:
+    from llmconsole.kernels import norm
+
+    for tokens in (1, 5):
+        x, residual, weight = torch.randn(tokens, 80), torch.randn(tokens, 80), torch.randn(80)
+        want_out, want_res = norm.fused_add_rms_norm_ref(x, residual, weight, 1e-6)
+        out, res = norm.fused_add_rms_norm(x, residual, weight, 1e-6)
+        torch.testing.assert_close(out, want_out)
+        torch.testing.assert_close(res, want_res)
+        out, res = norm.fused_add_rms_norm(x, residual, weight, 1e-6, inplace=True)
+        assert out is x and res is residual
+        torch.testing.assert_close(x, want_out)
+        torch.testing.assert_close(residual, want_res)
+
+
+@check("silu_and_mul")
+def _check_silu_and_mul() -> None:
+    from llmconsole.kernels import activation
+
+    for tokens, inter in ((5, 70), (3, 1500)):  # one partial block; several column blocks
+        gate_up = torch.randn(tokens, 2 * inter + 8)[:, : 2 * inter]  # strided rows
+        got = activation.silu_and_mul(gate_up)
+        torch.testing.assert_close(got, activation.silu_and_mul_ref(gate_up))
+
+
+@check("rope_kv")
+def _check_rope_kv() -> None:
+    from llmconsole.core.models.llama import RotaryEmbedding, apply_rope
+    from llmconsole.kernels import rope_kv
+
+    gen = torch.Generator().manual_seed(0)
+    tokens, heads, kv_heads, head_dim, page_size = 9, 6, 2, 32, 4
+    qkv = torch.randn(tokens, heads + 2 * kv_heads, head_dim, generator=gen)
+    q, k, v = qkv.split([heads, kv_heads, kv_heads], dim=1)  # strided views, as the model has
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    cache = rope_kv.rope_cos_sin_cache(inv_freq, 64, scale=1.1)
+    positions = torch.randint(0, 64, (tokens,), generator=gen)
+    kv_slots, num_pages = page_tables([tokens], page_size, gen)
+    slots = kv_slots[0]
+    k_pool, v_pool = random_pool(num_pages * page_size, kv_heads, head_dim, page_size)
+    k_ref, v_ref = k_pool.clone(), v_pool.clone()
+    q_ref = rope_kv.rope_and_write_kv_ref(q, k, v, positions, cache, k_ref, v_ref, slots)
+    k_before = k.clone()
+    got = rope_kv.rope_and_write_kv(q.clone(), k, v, positions, cache, k_pool, v_pool, slots)
+    torch.testing.assert_close(got, q_ref)
+    torch.testing.assert_close(k_pool, k_ref)  # untouched slots included
+    torch.testing.assert_close(v_pool, v_ref)
+    assert torch.equal(k, k_before)
+    # Same convention as the model: its own cos/sin and rotate-half code.
+    rotary = SimpleNamespace(inv_freq=inv_freq, scale=1.1)
+    cos, sin = RotaryEmbedding.cos_sin(rotary, positions, torch.float32)  # type: ignore[arg-type]
+    torch.testing.assert_close(got, apply_rope(q, cos, sin))
+    torch.testing.assert_close(k_pool[slots], apply_rope(k, cos, sin))
+
+
+DECODE_CASES = {
+    # name: (page_size, heads, kv_heads, head_dim, kv_lens, num_splits)
+    "p1_gqa3": (1, 6, 2, 32, [1, 70, 200, 33], None),
+    "p4_gqa4_d48_splits7": (4, 8, 2, 48, [5, 129, 64, 1], 7),
+    "p16_mha_b1": (16, 4, 4, 32, [300], None),
+}
+
+
+def _decode_check(case: str) -> None:
+    from llmconsole.kernels import decode_attention as da
+
+    page_size, heads, kv_heads, head_dim, kv_lens, splits = DECODE_CASES[case]
+    gen = torch.Generator().manual_seed(1)
+    kv_slots, num_pages = page_tables(kv_lens, page_size, gen)
+    # Two padding rows: a CUDA-graph dummy (1 token at slot 0) and an empty row.
+    kv_slots = torch.cat([kv_slots, torch.zeros(2, kv_slots.shape[1], dtype=torch.int64)])
+    lens = torch.tensor([*kv_lens, 1, 0])
+    k_pool, v_pool = random_pool(num_pages * page_size, kv_heads, head_dim, page_size)
+    q = torch.randn(len(lens), heads, head_dim, generator=gen)
+    scale = head_dim**-0.5
+    got = da.decode_attention(q, k_pool, v_pool, kv_slots, lens, scale, num_splits=splits)
+    want = da.decode_attention_ref(q[:-1], k_pool, v_pool, kv_slots[:-1], lens[:-1], scale)
+    torch.testing.assert_close(got[:-1], want)
+    assert torch.equal(got[-1], torch.zeros_like(got[-1]))  # no KV: zeros, never NaN
+
+
+for _case in DECODE_CASES:
+    check(f"decode_attention[{_case}]")(lambda case=_case: _decode_check(case))
+
+
+EXTEND_CASES = {
+    # name: (page_size, heads, kv_heads, head_dim, [(prefix_len, extend_len), ...])
+    "p1_gqa3": (1, 6, 2, 32, [(0, 17), (5, 1), (64, 70), (3, 2)]),
+    "p4_mha": (4, 4, 4, 32, [(0, 33), (130, 7)]),
+    "p8_gqa8_d48": (8, 8, 1, 48, [(9, 20), (0, 1)]),
+}
+
+
+def _extend_check(case: str) -> None:
+    from llmconsole.kernels import extend_attention as ea
+
+    page_size, heads, kv_heads, head_dim, spans = EXTEND_CASES[case]
+    gen = torch.Generator().manual_seed(2)
+    kv_slots, num_pages = page_tables([p + e for p, e in spans], page_size, gen)
+    prefix = torch.tensor([p for p, _ in spans])
+    extend = torch.tensor([e for _, e in spans])
+    k_pool, v_pool = random_pool(num_pages * page_size, kv_heads, head_dim, page_size)
+    q = torch.randn(int(extend.sum()), heads, head_dim, generator=gen)
+    scale = head_dim**-0.5
+    got = ea.extend_attention(q, k_pool, v_pool, kv_slots, prefix, extend, scale)
+    want = ea.extend_attention_ref(q, k_pool, v_pool, kv_slots, prefix, extend, scale)
+    torch.testing.assert_close(got, want)
+
+
+for _case in EXTEND_CASES:
+    check(f"extend_attention[{_case}]")(lambda case=_case: _extend_check(case))
+
+
+@check("triton_backend_matches_torch")
+def _check_backend() -> None:
+    from llmconsole.core.attention.triton_backend import TritonAttention
+
+    gen = torch.Generator().manual_seed(3)
+    heads, kv_heads, head_dim, page_size = 6, 2, 32, 4
+    steps = [
+        [(0, 13), (40, 9), (7, 1)],  # mixed: a fresh prompt, a prefill chunk, a decode
+        [(20, 1), (3, 1), (0, 1)],  # decode; the last row is the padding dummy (slot 0)
+    ]
+    for spans in steps:
+        inputs, num_pages = step_inputs(spans, page_size, gen)
+        if spans[-1] == (0, 1):
+            inputs.kv_slots[-1] = 0
+            inputs.write_slots[-1] = 0
+        spec = KVPoolSpec(2, kv_heads, head_dim, page_size, num_pages, torch.float32)
+        pools = [KVPool(spec, torch.device("cpu")) for _ in range(2)]
+        for i in range(4):  # the same prefix K/V (2 layers x K, V) in both pools
+            filler = torch.randn(pools[0].k[0][page_size:].shape, generator=gen)
+            for pool in pools:
+                (pool.k + pool.v)[i][page_size:] = filler
+        triton_attn, torch_attn = TritonAttention(pools[0]), TorchAttention(pools[1])
+        tokens = int(inputs.extend_lens.sum())
+        for backend in (triton_attn, torch_attn):
+            backend.plan(inputs)
+        for layer in (0, 1):
+            q = torch.randn(tokens, heads, head_dim, generator=gen)
+            k = torch.randn(tokens, kv_heads, head_dim, generator=gen)
+            v = torch.randn(tokens, kv_heads, head_dim, generator=gen)
+            got = triton_attn.forward(layer, q, k, v, 0.2)
+            want = torch_attn.forward(layer, q, k, v, 0.2)
+            torch.testing.assert_close(got, want)
+            torch.testing.assert_close(pools[0].k[layer], pools[1].k[layer])
+
+
+def _run_checks_here() -> dict[str, str | None]:
+    """In the child: every check, its traceback or None."""
+    _patch_interpreter_for_numpy_2_4()
+    results: dict[str, str | None] = {}
+    for name, fn in CHECKS.items():
+        try:
+            fn()
+            results[name] = None
+        except Exception:
+            results[name] = traceback.format_exc()
+    return results
+
+
+def _patch_interpreter_for_numpy_2_4() -> None:
+    """Triton 3.6's interpreter turns loop bounds into ints with int(1-element array), which
+    numpy >= 2.4 refuses (triton-lang/triton#9171, fixed after 3.6); index the element."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None:
+        return
+
+    def patch_lang_tensor(tensor: object, scope: object) -> None:
+        original(tensor, scope)
+        scope.set_attr(  # type: ignore[attr-defined]
+            tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0])
+        )
+
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
+@pytest.fixture(scope="module")
+def interpreted_results() -> dict[str, str | None]:
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve())],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        pytest.fail(f"interpreted checks crashed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(lines[-1])
+
+
+@pytest.mark.parametrize("name", list(CHECKS))
+def test_kernel_in_triton_interpreter(
+    name: str, interpreted_results: dict[str, str | None]
+) -> None:
+    error = interpreted_results[name]
+    if error is not None:
+        pytest.fail(error, pytrace=False)
+
+
+# ---- CPU: import and backend selection ---------------------------------------------------------
+
+
+def test_kernels_package_imports_without_triton_or_gpu() -> None:
+    # A child where `import triton` raises: the package and the backend registry (not the
+    # kernel modules) must still load.
+    code = (
+        "import sys; sys.modules['triton'] = None; import llmconsole.kernels; "
+        "from llmconsole.core.attention import make_backend"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_triton_backend_on_cpu_is_a_clear_error() -> None:
+    spec = KVPoolSpec(1, 2, 8, 1, 4, torch.float32)
+    pool = KVPool(spec, torch.device("cpu"))
+    with pytest.raises(ValueError, match="--attention-backend triton needs a CUDA device"):
+        make_backend("triton", pool)
+    with pytest.raises(ValueError, match="--attention-backend flashinfer is not available"):
+        make_backend("flashinfer", pool)
+    assert isinstance(make_backend("torch", pool), TorchAttention)
+
+
+# ---- GPU: bf16 at real shapes ------------------------------------------------------------------
+
+H, HKV, D = 32, 8, 128  # Llama-3-8B's attention
+
+
+@pytest.fixture
+def cuda() -> Iterator[torch.device]:
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    torch.manual_seed(0)
+    yield torch.device("cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_norm_and_activation(cuda: torch.device) -> None:
+    from llmconsole.kernels import activation, norm
+
+    for tokens in (1, 257):
+        x = torch.randn(tokens, 4096, device=cuda, dtype=torch.bfloat16)
+        residual = torch.randn_like(x)
+        weight = torch.randn(4096, device=cuda, dtype=torch.bfloat16)
+        torch.testing.assert_close(
+            norm.rms_norm(x, weight, 1e-5), norm.rms_norm_ref(x, weight, 1e-5)
+        )
+        out, res = norm.fused_add_rms_norm(x, residual, weight, 1e-5)
+        want_out, want_res = norm.fused_add_rms_norm_ref(x, residual, weight, 1e-5)
+        torch.testing.assert_close(out, want_out)
+        torch.testing.assert_close(res, want_res)
+        gate_up = torch.randn(tokens, 2 * 14336, device=cuda, dtype=torch.bfloat16)
+        want = activation.silu_and_mul_ref(gate_up)
+        torch.testing.assert_close(activation.silu_and_mul(gate_up), want)
+
+
+@pytest.mark.gpu
+def test_gpu_rope_kv(cuda: torch.device) -> None:
+    from llmconsole.kernels import rope_kv
+
+    tokens, page_size = 300, 16
+    qkv = torch.randn(tokens, H + 2 * HKV, D, device=cuda, dtype=torch.bfloat16)
+    q, k, v = qkv.split([H, HKV, HKV], dim=1)
+    inv_freq = 1.0 / 500000 ** (torch.arange(0, D, 2, device=cuda).float() / D)
+    cache = rope_kv.rope_cos_sin_cache(inv_freq, 8192)
+    positions = torch.randint(0, 8192, (tokens,), device=cuda)
+    kv_slots, num_pages = page_tables([tokens], page_size, torch.Generator().manual_seed(0))
+    slots = kv_slots[0].to(cuda)
+    k_pool, v_pool = random_pool(
+        num_pages * page_size, HKV, D, page_size, device=cuda, dtype=torch.bfloat16
+    )
+    k_ref, v_ref = k_pool.clone(), v_pool.clone()
+    want = rope_kv.rope_and_write_kv_ref(q, k, v, positions, cache, k_ref, v_ref, slots)
+    got = rope_kv.rope_and_write_kv(q.clone(), k, v, positions, cache, k_pool, v_pool, slots)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(k_pool, k_ref)
+    assert torch.equal(v_pool, v_ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("page_size", [1, 16])
+@pytest.mark.parametrize("batch", [1, 7, 64])
+def test_gpu_decode_attention(cuda: torch.device, batch: int, page_size: int) -> None:
+    from llmconsole.kernels import decode_attention as da
+
+    gen = torch.Generator().manual_seed(batch)
+    kv_lens = [4096] if batch == 1 else torch.randint(1, 4097, (batch,), generator=gen).tolist()
+    kv_slots, num_pages = page_tables(kv_lens, page_size, gen)
+    k_pool, v_pool = random_pool(
+        num_pages * page_size, HKV, D, page_size, device=cuda, dtype=torch.bfloat16
+    )
+    q = torch.randn(batch, H, D, device=cuda, dtype=torch.bfloat16)
+    args = (q, k_pool, v_pool, kv_slots.to(cuda), torch.tensor(kv_lens, device=cuda), D**-0.5)
+    got = da.decode_attention(*args)
+    want = da.decode_attention_ref(*args)
+    assert rel_err(got, want) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_gpu_extend_attention(cuda: torch.device, page_size: int) -> None:
+    from llmconsole.kernels import extend_attention as ea
+
+    spans = [(0, 1000), (3000, 1096), (17, 1), (512, 300), (0, 5)]
+    gen = torch.Generator().manual_seed(page_size)
+    kv_slots, num_pages = page_tables([p + e for p, e in spans], page_size, gen)
+    k_pool, v_pool = random_pool(
+        num_pages * page_size, HKV, D, page_size, device=cuda, dtype=torch.bfloat16
+    )
+    extend = torch.tensor([e for _, e in spans], device=cuda)
+    prefix = torch.tensor([p for p, _ in spans], device=cuda)
+    q = torch.randn(int(extend.sum()), H, D, device=cuda, dtype=torch.bfloat16)
+    args = (q, k_pool, v_pool, kv_slots.to(cuda), prefix, extend, D**-0.5)
+    assert rel_err(ea.extend_attention(*args), ea.extend_attention_ref(*args)) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "spans",
+    [
+        [(int(n), 1) for n in torch.randint(0, 4096, (64,), generator=torch.Generator())],
+        [(0, 700), (1500, 64), (90, 1), (2000, 1)],
+    ],
+    ids=["decode64", "mixed"],
+)
+def test_gpu_triton_backend_matches_torch(cuda: torch.device, spans: list[tuple[int, int]]) -> None:
+    from llmconsole.core.attention.triton_backend import TritonAttention
+
+    inputs, num_pages = step_inputs(spans, 16, torch.Generator().manual_seed(0))
+    spec = KVPoolSpec(1, HKV, D, 16, num_pages, torch.bfloat16)
+    pools = [KVPool(spec, cuda) for _ in range(2)]
+    filler = torch.randn_like(pools[0].k[0])
+    for pool in pools:
+        pool.k[0].copy_(filler)
+        pool.v[0].copy_(filler.flip(0))
+    backends = [make_backend("triton", pools[0]), TorchAttention(pools[1])]
+    assert isinstance(backends[0], TritonAttention)
+    tokens = int(inputs.extend_lens.sum())
+    q = torch.randn(tokens, H, D, device=cuda, dtype=torch.bfloat16)
+    k = torch.randn(tokens, HKV, D, device=cuda, dtype=torch.bfloat16)
+    v = torch.randn(tokens, HKV, D, device=cuda, dtype=torch.bfloat16)
+    outs = []
+    for backend in backends:
+        backend.plan(inputs)
+        outs.append(backend.forward(0, q, k, v, D**-0.5))
+    assert rel_err(outs[0], outs[1]) < 2e-2
+    assert torch.equal(pools[0].k[0], pools[1].k[0])
+
+
+@pytest.mark.gpu
+def test_gpu_engine_with_triton_backend_matches_torch_backend(
+    cuda: torch.device, tmp_path: Path
+) -> None:
+    """The whole engine (chunked prefill, paging, decode) gives the same greedy tokens with
+    either backend on a small fp32 Llama: the kernels use IEEE fp32 dots there."""
+    import transformers
+
+    from llmconsole.core import Engine, EngineConfig, SamplingParams
+
+    config = transformers.LlamaConfig(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        vocab_size=512,
+        max_position_embeddings=1024,
+    )
+    hf = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():
+        for param in hf.parameters():
+            if param.dim() == 2:
+                param.normal_(0, 0.08)
+    hf.save_pretrained(tmp_path)
+    prompts = [[1, 5, 9, 33, 7], [1, *range(40, 340)], [3] * 70]
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    tokens = {}
+    for backend in ("torch", "triton"):
+        cfg = EngineConfig(
+            model=str(tmp_path),
+            device="cuda",
+            dtype="float32",
+            attention_backend=backend,
+            page_size=4,
+            chunked_prefill_size=128,  # the 300-token prompt extends over a cached prefix
+            max_total_tokens=4096,
+        )
+        with Engine(cfg) as engine:
+            tokens[backend] = [r.token_ids for r in engine.generate(prompts, params)]
+    assert tokens["triton"] == tokens["torch"]
+
+
+if __name__ == "__main__":  # the child process of `interpreted_results`
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run through pytest"
+    print(json.dumps(_run_checks_here()))
