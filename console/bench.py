@@ -81,8 +81,10 @@ def register(
         """Process launch -> first streamed token, each start in a fresh Python process."""
         bench_startup(config, fresh_cache, output_file)
 
+    from .bench_console import register_console_bench
     from .bench_overhead import register_overhead
     from .bench_serve import register_serve
 
     register_serve(bench_app)
     register_overhead(bench_app, engine_flags, start_engine)
+    register_console_bench(bench_app, engine_flags, start_engine)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -15,8 +16,9 @@ from .flags import engine_flags
 
 app = typer.Typer(
     name="llmconsole",
-    help="An operator's console for LLM serving, on its own paged-KV engine.",
-    no_args_is_help=True,
+    help="An operator's console for LLM serving, on its own paged-KV engine. With no command it "
+    "opens the console: engine + OpenAI API in this process, every step live.",
+    invoke_without_command=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
@@ -149,6 +151,99 @@ def serve(*, config: EngineConfig) -> None:
         engine.shutdown()
         server.stop()
         err.print("stopped")
+
+
+THEME_HELP = "dark | light | high-contrast (for projectors)"
+RECORD_OPTION = typer.Option(None, "--record", help="write the session as JSONL while it runs")
+EXPORT_DIR_OPTION = typer.Option(
+    Path("."), "--export-dir", help="where e (CSV export) and s (screenshot) write"
+)
+
+
+def _check_theme(theme: str) -> None:
+    from llmconsole.themes import THEMES
+
+    if theme not in THEMES:
+        raise CliError(f"unknown theme {theme!r} (choose {', '.join(THEMES)})")
+
+
+def _run_app(console_app: Any) -> None:
+    try:
+        console_app.run()
+    finally:
+        console_app.shutdown()
+    if console_app.startup_error:
+        raise CliError(console_app.startup_error)
+
+
+@app.callback()
+@engine_flags
+def console(
+    ctx: typer.Context,
+    theme: str = typer.Option("dark", help=THEME_HELP),
+    record: Path | None = RECORD_OPTION,
+    export_dir: Path = EXPORT_DIR_OPTION,
+    *,
+    config: EngineConfig,
+) -> None:
+    """Open the console (when no command is given)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from llmconsole.core.server import PortInUseError, bind_socket
+
+    from .app import ConsoleApp
+    from .session import ConsoleOptions
+
+    _check_theme(theme)
+    try:
+        sock = bind_socket(config.host, config.port)  # a busy port fails before the app opens
+    except PortInUseError as exc:
+        raise CliError(str(exc)) from None
+    options = ConsoleOptions(theme=theme, record=record, export_dir=export_dir)
+    _run_app(ConsoleApp(config=config, options=options, sock=sock))
+
+
+@app.command()
+def replay(
+    recording: Path = typer.Argument(..., help="a JSONL file written with --record"),
+    speed: float = typer.Option(1.0, help="playback speed (space pauses, +/- change it)"),
+    theme: str = typer.Option("dark", help=THEME_HELP),
+    export_dir: Path = EXPORT_DIR_OPTION,
+) -> None:
+    """Play a recorded session in the console, without an engine."""
+    from .app import ConsoleApp
+    from .recording import RecordingError, read_recording
+    from .session import ConsoleOptions
+
+    _check_theme(theme)
+    if not speed > 0:
+        raise CliError(f"--speed must be > 0, got {speed}")
+    try:
+        rec = read_recording(recording)
+    except RecordingError as exc:
+        raise CliError(str(exc)) from None
+    options = ConsoleOptions(theme=theme, export_dir=export_dir, replay_speed=speed)
+    _run_app(ConsoleApp(recording=rec, options=options))
+
+
+@app.command("export")
+def export_cmd(
+    recording: Path = typer.Argument(..., help="a JSONL file written with --record"),
+    out: Path | None = typer.Option(None, help="folder for the CSVs (default: next to the file)"),
+) -> None:
+    """Write a recorded session as steps.csv, requests.csv and events.csv."""
+    from llmconsole.core.telemetry import export_session
+
+    from .recording import RecordingError, read_recording
+
+    try:
+        rec = read_recording(recording)
+    except RecordingError as exc:
+        raise CliError(str(exc)) from None
+    folder = out or recording.with_suffix("")
+    counts = export_session(rec.records(), folder)
+    rows = ", ".join(f"{n} rows in {name}" for name, n in counts.items())
+    Console().print(f"{folder}: {rows}", highlight=False, soft_wrap=True)
 
 
 def _register_bench() -> None:

@@ -4,7 +4,7 @@ from .config import ConfigError, EngineConfig
 from .engine import Engine, RequestError
 from .outputs import Delta, GenerationResult, RequestHandle, Usage
 from .sampling_params import SamplingParams
-from .telemetry import EngineEvent, RequestRecord, StepRecord
+from .telemetry import EngineEvent, LiveRequest, RequestRecord, StepRecord
 
 __all__ = [
     "ConfigError",
@@ -13,6 +13,7 @@ __all__ = [
     "EngineConfig",
     "EngineEvent",
     "GenerationResult",
+    "LiveRequest",
     "RequestError",
     "RequestHandle",
     "RequestRecord",

@@ -36,6 +36,8 @@ class StepRecord:
     drafted_tokens: int = 0
     accepted_tokens: int = 0
     retracted: int = 0
+    # accepted drafts at draft position 0, 1, ... summed over the batch (speculative steps only)
+    accepted_per_position: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,11 @@ class RequestRecord:
     def e2e_s(self) -> float:
         return self.finish - self.arrival
 
+    @property
+    def time(self) -> float:
+        """When the record was written (every record has a `time`, for ordering)."""
+        return self.finish
+
 
 @dataclass(frozen=True)
 class EngineEvent:
@@ -67,6 +74,35 @@ class EngineEvent:
     kind: str  # start | config_change | restart_begin | restart_end | error | shutdown
     message: str
     data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LiveRequest:
+    """One unfinished request as the engine saw it at `Engine.live_requests()` time; built only
+    when a reader asks, so a headless engine pays nothing for it."""
+
+    rid: str
+    state: str  # queued | prefill | decode
+    arrival: float
+    first_token: float | None
+    prompt_tokens: int
+    cached_tokens: int
+    generated_tokens: int
+    computed_tokens: int  # tokens whose KV is in the cache
+    retractions: int = 0
+    accepted_draft_tokens: int = 0
+
+    def age_s(self, now: float) -> float:
+        return max(0.0, now - self.arrival)
+
+    def ttft_s(self) -> float | None:
+        return None if self.first_token is None else self.first_token - self.arrival
+
+    def tokens_per_s(self, now: float) -> float | None:
+        """Decode speed since the first token (None before there are two tokens to time)."""
+        if self.first_token is None or self.generated_tokens < 2 or now <= self.first_token:
+            return None
+        return (self.generated_tokens - 1) / (now - self.first_token)
 
 
 Record = StepRecord | RequestRecord | EngineEvent
@@ -149,6 +185,8 @@ def write_csv(path: Path, records: Iterable[Any], record_type: type) -> int:
                     value = _iso(value)
                 elif isinstance(value, dict):
                     value = ";".join(f"{k}={v}" for k, v in value.items())
+                elif isinstance(value, tuple):
+                    value = ";".join(map(str, value))
                 row.append(value)
             writer.writerow(row)
             count += 1

@@ -1,0 +1,1 @@
+"""Modal screens: help, one request's text, the load generator's settings."""

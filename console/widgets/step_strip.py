@@ -1,0 +1,154 @@
+"""Step strip: one cell per engine step, newest on the right.
+
+The colour says how the step ran (CUDA graph, eager decode, prefill, speculative verify), the
+height of the bar says its batch size relative to the largest in view. Hovering a cell, or moving
+the selection with ←/→ when the strip has focus, shows that step's details on the second line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from rich.style import Style
+from rich.text import Text
+from textual.binding import Binding
+from textual.events import Leave, MouseMove
+from textual.widget import Widget
+
+from llmconsole.core.telemetry import StepRecord
+
+BARS = "▁▂▃▄▅▆▇█"
+
+
+def step_class(step: StepRecord) -> str:
+    if step.kind == "verify":
+        return "verify"
+    if step.kind != "decode":
+        return "prefill"
+    return "graph" if step.cuda_graph else "eager"
+
+
+def bar_for(batch_size: int, largest: int) -> str:
+    level = round((len(BARS) - 1) * batch_size / largest) if largest else 0
+    return BARS[max(0, min(len(BARS) - 1, level))]
+
+
+def describe_step(step: StepRecord) -> str:
+    mode = "CUDA graph" if step.cuda_graph else "eager"
+    padded = f" padded to {step.padded_bs}" if step.cuda_graph else ""
+    parts = [
+        f"step {step.step_id}",
+        f"{step.kind} · {mode}",
+        f"batch {step.batch_size}{padded}",
+        f"{step.num_tokens} tokens",
+        f"{step.duration_s * 1000:.1f} ms",
+        f"queue {step.queue_len}",
+    ]
+    if step.drafted_tokens:
+        parts.append(f"accepted {step.accepted_tokens}/{step.drafted_tokens}")
+    if step.retracted:
+        parts.append(f"retracted {step.retracted}")
+    return "  ".join(parts)
+
+
+class StepStrip(Widget, can_focus=True):
+    DEFAULT_CSS = """
+    StepStrip { height: 3; border-title-color: $text-muted; }
+    StepStrip > .stepstrip--graph { color: $success; }
+    StepStrip > .stepstrip--eager { color: $warning; }
+    StepStrip > .stepstrip--prefill { color: $accent; }
+    StepStrip > .stepstrip--verify { color: $secondary; }
+    StepStrip > .stepstrip--selected { background: $foreground 30%; }
+    StepStrip > .stepstrip--legend { color: $text-muted; }
+    """
+    COMPONENT_CLASSES = {
+        "stepstrip--graph",
+        "stepstrip--eager",
+        "stepstrip--prefill",
+        "stepstrip--verify",
+        "stepstrip--selected",
+        "stepstrip--legend",
+    }
+    BINDINGS = [
+        Binding("left", "move(-1)", "Older step", show=False),
+        Binding("right", "move(1)", "Newer step", show=False),
+        Binding("end", "follow", "Newest step", show=False),
+    ]
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self._steps: list[StepRecord] = []
+        self._selected: int | None = None  # step_id pinned by the keyboard
+        self._hover: int | None = None  # step_id under the mouse
+
+    def show(self, steps: Sequence[StepRecord]) -> None:
+        self._steps = list(steps)
+        self.refresh()
+
+    def visible_steps(self) -> list[StepRecord]:
+        width = max(1, self.size.width)
+        return self._steps[-width:]
+
+    def _focused_step(self) -> StepRecord | None:
+        wanted = self._hover if self._hover is not None else self._selected
+        for step in reversed(self._steps):
+            if wanted is None or step.step_id == wanted:
+                return step
+        return self._steps[-1] if self._steps else None
+
+    def render(self) -> Text:
+        steps = self.visible_steps()
+        largest = max((s.batch_size for s in steps), default=0)
+        focused = self._focused_step()
+        text = Text(no_wrap=True, overflow="crop")
+        text.append(" " * (self.size.width - len(steps)))
+        for step in steps:
+            style = self.get_component_rich_style(f"stepstrip--{step_class(step)}")
+            if (
+                focused is not None
+                and step.step_id == focused.step_id
+                and (self._hover is not None or self._selected is not None)
+            ):
+                style += self.get_component_rich_style("stepstrip--selected")
+            text.append(bar_for(step.batch_size, largest), style=style)
+        text.append("\n")
+        text.append(describe_step(focused) if focused else "no steps yet", style=Style(bold=True))
+        text.append("\n")
+        legend = self.get_component_rich_style("stepstrip--legend")
+        for name, label in (
+            ("graph", "CUDA graph"),
+            ("eager", "eager"),
+            ("prefill", "prefill"),
+            ("verify", "verify"),
+        ):
+            text.append("█ ", style=self.get_component_rich_style(f"stepstrip--{name}"))
+            text.append(f"{label}   ", style=legend)
+        text.append("height: batch size", style=legend)
+        return text
+
+    def _step_at(self, x: int) -> StepRecord | None:
+        steps = self.visible_steps()
+        index = x - (self.size.width - len(steps))
+        return steps[index] if 0 <= index < len(steps) else None
+
+    def on_mouse_move(self, event: MouseMove) -> None:
+        step = self._step_at(event.x) if event.y == 0 else None
+        self._hover = None if step is None else step.step_id
+        self.refresh()
+
+    def on_leave(self, event: Leave) -> None:
+        self._hover = None
+        self.refresh()
+
+    def action_move(self, delta: int) -> None:
+        steps = self.visible_steps()
+        if not steps:
+            return
+        ids = [s.step_id for s in steps]
+        current = ids.index(self._selected) if self._selected in ids else len(ids) - 1
+        self._selected = ids[max(0, min(len(ids) - 1, current + delta))]
+        self.refresh()
+
+    def action_follow(self) -> None:
+        self._selected = None
+        self.refresh()

@@ -1,0 +1,149 @@
+"""Recordings and replays without an engine: the committed session under recordings/ drives the
+real widgets; the screen at a fixed point of it is a snapshot per theme (120x40)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from llmconsole.console.app import ConsoleApp
+from llmconsole.console.recording import LiveSnapshot, RecordingError, read_recording
+from llmconsole.console.session import ConsoleOptions
+from llmconsole.console.sources import ReplaySource
+from llmconsole.console.state import ConsoleModel
+from llmconsole.console.widgets.requests_table import RequestsTable
+from llmconsole.console.widgets.step_strip import StepStrip
+from llmconsole.core.telemetry import EngineEvent, RequestRecord, StepRecord
+
+RECORDING = Path(__file__).parent.parent / "recordings" / "smollm2-cpu-load.jsonl"
+SNAPSHOT_AT_S = 45.0  # into the recording: a load is running, requests are queued
+
+
+@pytest.fixture
+def utc(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The event log prints local times: pin the zone so snapshots match anywhere."""
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def test_the_committed_recording_is_a_real_session() -> None:
+    rec = read_recording(RECORDING)
+    steps = [r for r in rec.records() if isinstance(r, StepRecord)]
+    finished = [r for r in rec.records() if isinstance(r, RequestRecord)]
+    assert rec.engine["model"] == "SmolLM2-135M-Instruct"
+    assert len(steps) > 100 and len(finished) >= 40
+    assert {s.kind for s in steps} >= {"prefill", "decode"}
+    assert max(s.queue_len for s in steps) > 0  # the load outgrew --max-running-requests 8
+    assert [s.step_id for s in steps] == sorted(s.step_id for s in steps)
+
+
+@pytest.mark.parametrize("theme", ["dark", "light", "high-contrast"])
+def test_main_screen_snapshot(theme: str, snap_compare: Any, utc: None) -> None:
+    app = ConsoleApp(recording=read_recording(RECORDING), options=ConsoleOptions(theme=theme))
+
+    async def run_before(pilot: Any) -> None:
+        assert isinstance(app.source, ReplaySource)
+        app.source.seek(SNAPSHOT_AT_S)
+        app.refresh_all()
+        await pilot.pause()
+
+    assert snap_compare(app, terminal_size=(120, 40), run_before=run_before)
+
+
+def test_replay_fills_table_strip_and_counters_like_the_session(utc: None) -> None:
+    rec = read_recording(RECORDING)
+    app = ConsoleApp(recording=rec)
+    position = SNAPSHOT_AT_S
+    cut = rec.started + position
+    live = [e for e in rec.entries if isinstance(e, LiveSnapshot) and e.time <= cut][-1]
+    steps = [r for r in rec.records() if isinstance(r, StepRecord) and r.time <= cut]
+
+    async def run() -> None:
+        async with app.run_test(size=(120, 40)) as pilot:
+            assert isinstance(app.source, ReplaySource)
+            app.source.seek(position)
+            app.refresh_all()
+            await pilot.pause()
+            table = app.query_one(RequestsTable)
+            assert table.row_count == len(live.requests) > 0
+            assert [table.get_row_at(i)[0] for i in range(table.row_count)] == [
+                r.rid for r in live.requests
+            ]
+            assert app.model.total_steps == len(steps)
+            assert app.query_one(StepStrip).visible_steps()[-1] == steps[-1]
+            assert "paused" in app.status and f"{position:.0f}/" in app.status
+
+    asyncio.run(run())
+
+
+def test_replay_clock_speed_pause_and_seek() -> None:
+    rec = read_recording(RECORDING)
+    wall = [100.0]
+    source = ReplaySource(rec, speed=2.0, clock=lambda: wall[0])
+    first = source.poll()  # what happened before the recorder started (the engine's start)
+    assert all(r.time <= rec.started for r in first)
+    wall[0] += 20.0  # 40 s of recording at 2x
+    got = source.poll()
+    assert got and all(r.time <= rec.started + 40.0 for r in got)
+    source.toggle_pause()
+    wall[0] += 100.0
+    assert source.poll() == [] and source.now() == pytest.approx(rec.started + 40.0)
+    source.toggle_pause()
+    source.set_speed(1000.0)
+    wall[0] += 1.0
+    rest = source.poll()
+    assert source.finished and len(first) + len(got) + len(rest) == len(rec.records())
+    with pytest.raises(ValueError, match="speed"):
+        source.set_speed(0)
+
+
+def _write(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_damaged_recordings_give_clear_errors(tmp_path: Path) -> None:
+    header = json.dumps({"type": "session", "version": 1, "started": 1.0, "engine": {}})
+    step = RECORDING.read_text(encoding="utf-8").splitlines()[3]
+    with pytest.raises(RecordingError, match="no recording"):
+        read_recording(tmp_path / "missing.jsonl")
+    with pytest.raises(RecordingError, match="empty"):
+        read_recording(_write(tmp_path / "empty.jsonl", []))
+    with pytest.raises(RecordingError, match="not an llmconsole recording"):
+        read_recording(_write(tmp_path / "csv.jsonl", ["a,b,c", "1,2,3"]))
+    future = json.dumps({"type": "session", "version": 99})
+    with pytest.raises(RecordingError, match="format 99"):
+        read_recording(_write(tmp_path / "new.jsonl", [future]))
+    with pytest.raises(RecordingError, match=r"bad\.jsonl:2"):
+        read_recording(_write(tmp_path / "bad.jsonl", [header, "{not json", step]))
+    # A console killed mid-write leaves half a last line: everything before it still plays.
+    cut = read_recording(_write(tmp_path / "cut.jsonl", [header, step, step[:40]]))
+    assert len(cut.entries) == 1
+
+
+def test_model_buckets_seconds_and_counts_failures() -> None:
+    model = ConsoleModel(chart_seconds=10)
+
+    def step(t: float, generated: int, running: int = 1) -> StepRecord:
+        return StepRecord(
+            0, t, "decode", running, running, generated, False, 0, 0.01, 0, running, 1, 9
+        )
+
+    model.apply([step(100.2, 4), step(100.7, 4, running=3), step(103.1, 2)])
+    xs, toks, running, _ = model.chart_series(now=104.5)
+    assert xs == [-4.0, -3.0, -2.0, -1.0] and toks == [8.0, 0.0, 0.0, 2.0]
+    assert running == [3.0, 0.0, 0.0, 1.0]
+    ok = RequestRecord("a", 1.0, 1.1, 2.0, 3, 0, 4, 0, "stop")
+    bad = RequestRecord("b", 1.0, None, 2.0, 3, 0, 0, 0, "abort")
+    changes = model.apply([ok, bad, EngineEvent(5.0, "export", "x")])
+    assert changes.requests and [e.kind for e in changes.events] == ["export"]
+    assert (model.finished_ok, model.finished_failed) == (1, 1)
+    assert len(model.session) == 6
