@@ -108,7 +108,7 @@ class ConsoleApp(App[None]):
             self.source = ReplaySource(recording, self.options.replay_speed)
         self.model = ConsoleModel()
         self.load: LoadRunner | None = None
-        self.load_settings = LoadSettings()
+        self.load_settings = self.options.load
         self.load_progress = ""
         self.status = "starting"
         self.startup_error: str | None = None

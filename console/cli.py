@@ -155,6 +155,9 @@ def serve(*, config: EngineConfig) -> None:
 
 THEME_HELP = "dark | light | high-contrast (for projectors)"
 RECORD_OPTION = typer.Option(None, "--record", help="write the session as JSONL while it runs")
+LOAD_DATASET_OPTION = typer.Option(
+    None, help="built-in load (l): a ShareGPT JSON file instead of the built-in prompts"
+)
 EXPORT_DIR_OPTION = typer.Option(
     Path("."), "--export-dir", help="where e (CSV export) and s (screenshot) write"
 )
@@ -183,6 +186,10 @@ def console(
     theme: str = typer.Option("dark", help=THEME_HELP),
     record: Path | None = RECORD_OPTION,
     export_dir: Path = EXPORT_DIR_OPTION,
+    load_concurrency: int = typer.Option(8, help="built-in load (l): requests in flight"),
+    load_requests: int = typer.Option(32, help="built-in load (l): number of requests"),
+    load_max_tokens: int = typer.Option(64, help="built-in load (l): max tokens each"),
+    load_dataset: Path | None = LOAD_DATASET_OPTION,
     *,
     config: EngineConfig,
 ) -> None:
@@ -192,14 +199,26 @@ def console(
     from llmconsole.core.server import PortInUseError, bind_socket
 
     from .app import ConsoleApp
+    from .load_runner import LoadSettings
     from .session import ConsoleOptions
 
     _check_theme(theme)
+    if load_dataset is not None and not load_dataset.is_file():
+        raise CliError(f"--load-dataset: no ShareGPT file at {load_dataset}")
+    try:
+        load = LoadSettings(
+            load_concurrency,
+            load_requests,
+            load_max_tokens,
+            None if load_dataset is None else str(load_dataset),
+        )
+    except ValueError as exc:
+        raise CliError(f"--load-{exc}") from None
     try:
         sock = bind_socket(config.host, config.port)  # a busy port fails before the app opens
     except PortInUseError as exc:
         raise CliError(str(exc)) from None
-    options = ConsoleOptions(theme=theme, record=record, export_dir=export_dir)
+    options = ConsoleOptions(theme=theme, record=record, export_dir=export_dir, load=load)
     _run_app(ConsoleApp(config=config, options=options, sock=sock))
 
 

@@ -25,10 +25,10 @@ class LoadSettings:
     dataset_path: str | None = None  # a ShareGPT JSON file; None: the built-in prompts
 
     def __post_init__(self) -> None:
-        for name in ("concurrency", "num_requests", "max_tokens"):
-            value = getattr(self, name)
+        for name in ("concurrency", "requests", "max_tokens"):
+            value = getattr(self, "num_requests" if name == "requests" else name)
             if value < 1:
-                raise ValueError(f"{name.replace('_', ' ')} must be >= 1, got {value}")
+                raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {value}")
 
     def bench_config(self, base_url: str, api_key: str | None) -> ServeBenchConfig:
         return ServeBenchConfig(

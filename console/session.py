@@ -15,6 +15,7 @@ from llmconsole.core.engine import Engine
 from llmconsole.core.model_loader import Progress
 from llmconsole.core.server import ApiServer
 
+from .load_runner import LoadSettings
 from .recording import SessionRecorder
 
 
@@ -24,6 +25,7 @@ class ConsoleOptions:
     record: Path | None = None  # write the session as JSONL while it runs
     export_dir: Path = Path(".")  # where `e` and `s` write
     replay_speed: float = 1.0
+    load: LoadSettings = LoadSettings()  # what the load dialog (l) starts with
 
 
 class LiveSession:
