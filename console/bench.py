@@ -82,9 +82,11 @@ def register(
         bench_startup(config, fresh_cache, output_file)
 
     from .bench_console import register_console_bench
+    from .bench_one_batch import register_one_batch
     from .bench_overhead import register_overhead
     from .bench_serve import register_serve
 
     register_serve(bench_app)
     register_overhead(bench_app, engine_flags, start_engine)
     register_console_bench(bench_app, engine_flags, start_engine)
+    register_one_batch(bench_app, engine_flags)

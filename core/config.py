@@ -8,6 +8,7 @@ returns a new config (hot restart builds a new config the same way instead of mu
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -161,8 +162,15 @@ class EngineConfig:
             mem_fraction_static=self.mem_fraction_static or (0.88 if on_gpu else None),
             max_total_tokens=self.max_total_tokens
             or (None if on_gpu else CPU_DEFAULT_MAX_TOTAL_TOKENS),
-            # "auto" becomes flashinfer on CUDA once that backend lands; torch runs everywhere.
             attention_backend=self.attention_backend
             if self.attention_backend != "auto"
-            else "torch",
+            else auto_attention_backend(device_type),
         )
+
+
+def auto_attention_backend(device_type: str) -> str:
+    """Our Triton kernels on CUDA when triton imports, else the torch reference (CPU). FlashInfer
+    joins the front of this list once its backend lands."""
+    if device_type == "cuda" and importlib.util.find_spec("triton") is not None:
+        return "triton"
+    return "torch"

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .sampling_params import SamplingParams
+from .transfer import to_device
 
 _PAD = -1
 
@@ -25,7 +26,7 @@ def _pad_ids(seqs: Sequence[Sequence[int]], device: torch.device | str) -> Tenso
     """Right-pad token id lists with -1 into one [B, L] int64 tensor (one host->device copy)."""
     width = max((len(s) for s in seqs), default=0)
     rows = [list(s) + [_PAD] * (width - len(s)) for s in seqs]
-    return torch.tensor(rows, dtype=torch.int64, device=device).reshape(len(seqs), width)
+    return to_device(torch.tensor(rows, dtype=torch.int64).reshape(len(seqs), width), device)
 
 
 @dataclass(frozen=True, eq=False)
@@ -64,8 +65,10 @@ class SamplingBatch:
         if not (len(prompt_ids) == len(output_ids) == len(generators) == n):
             raise ValueError("params, prompt_ids, output_ids and generators must have equal length")
 
-        def f32(values: list[float]) -> Tensor:
-            return torch.tensor(values, dtype=torch.float32, device=device)
+        device = torch.device(device)
+
+        def f32(values: list[float]) -> Tensor:  # queued copies: building a batch never syncs
+            return to_device(torch.tensor(values, dtype=torch.float32), device)
 
         temps = [0.0 if p.greedy else float(p.temperature) for p in params]
         sampled = [p for p in params if not p.greedy]  # greedy rows ignore truncation
@@ -78,7 +81,7 @@ class SamplingBatch:
         return SamplingBatch(
             temperatures=f32(temps),
             top_ps=f32([float(p.top_p) for p in params]),
-            top_ks=torch.tensor(top_ks, dtype=torch.int64, device=device),
+            top_ks=to_device(torch.tensor(top_ks, dtype=torch.int64), device),
             min_ps=f32([float(p.min_p) for p in params]),
             repetition_penalties=f32([float(p.repetition_penalty) for p in params]),
             frequency_penalties=f32([float(p.frequency_penalty) for p in params]),

@@ -6,6 +6,10 @@ the request's KV positions, gathers K/V rows through `kv_slots`, and writes its 
 (normalised output and log2-sum-exp per head) to a fp32 workspace. KV is read once per group.
 Stage 2, grid (B, H): merges the splits. Splitting is what lets batch 1 with 4k tokens of KV
 fill an H100's 132 SMs; large batches already fill them and get one split.
+
+Each request cuts its own KV length into `num_splits` slices (on the device), so a launch with a
+fixed `num_splits` suits any lengths: that is what a CUDA graph replays. With `kv_rows`, request
+i reads its slots from row `kv_rows[i]` of `kv_slots` (the runner's slot table) with no gather.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ def _decode_stage1(
     k_pool_ptr,
     v_pool_ptr,
     slots_ptr,
+    rows_ptr,  # [B] row of slots_ptr per request; read only when HAS_ROWS
     kv_lens_ptr,
     mid_o_ptr,  # [B, H, S, D] fp32
     mid_lse_ptr,  # [B, H, S] fp32
@@ -34,7 +39,6 @@ def _decode_stage1(
     stride_pool_head,
     stride_slots,
     qk_scale,  # softmax scale * log2(e): the softmax runs in base 2
-    split_size,
     num_splits,
     group,
     HEAD_DIM: tl.constexpr,
@@ -42,11 +46,18 @@ def _decode_stage1(
     BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
+    HAS_ROWS: tl.constexpr,
 ):
     req = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     kv_len = tl.load(kv_lens_ptr + req)
+    if HAS_ROWS:
+        slot_row = tl.load(rows_ptr + req).to(tl.int64)
+    else:
+        slot_row = req
+    # Whole BLOCK_Ns per split, so only a request's last block is ragged.
+    split_size = tl.cdiv(tl.cdiv(kv_len, num_splits), BLOCK_N) * BLOCK_N
     start = split * split_size
     end = tl.minimum(start + split_size, kv_len)
 
@@ -64,7 +75,7 @@ def _decode_stage1(
     for block_start in range(start, end, BLOCK_N):
         offs_n = block_start + tl.arange(0, BLOCK_N)
         mask_n = offs_n < end
-        slots = tl.load(slots_ptr + req * stride_slots + offs_n, mask=mask_n, other=0)
+        slots = tl.load(slots_ptr + slot_row * stride_slots + offs_n, mask=mask_n, other=0)
         kv_off = (
             slots.to(tl.int64)[:, None] * stride_pool_slot
             + kv_head * stride_pool_head
@@ -143,12 +154,13 @@ def decode_attention(
     q: torch.Tensor,  # [B, H, D]
     k_pool: torch.Tensor,  # [num_slots, Hkv, D]
     v_pool: torch.Tensor,  # [num_slots, Hkv, D]
-    kv_slots: torch.Tensor,  # [B, max_kv] int, padded with slot 0
+    kv_slots: torch.Tensor,  # [B, max_kv] int, padded with slot 0 ([R, max_kv] with kv_rows)
     kv_lens: torch.Tensor,  # [B] int, <= max_kv
     scale: float,
-    num_splits: int | None = None,  # fix it (with max_kv) to replay the launch in a CUDA graph
+    num_splits: int | None = None,  # fix it to replay the launch in a CUDA graph
     out: torch.Tensor | None = None,  # [B, H, D]
     workspace: tuple[torch.Tensor, torch.Tensor] | None = None,  # from decode_workspace
+    kv_rows: torch.Tensor | None = None,  # [B] int: request i's slots are kv_slots[kv_rows[i]]
 ) -> torch.Tensor:  # [B, H, D]
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_pool.shape[1]
@@ -161,8 +173,6 @@ def decode_attention(
     if num_splits is None:
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
         num_splits = decode_num_splits(batch, num_kv_heads, max_kv, sms)
-    # Each split is a whole number of BLOCK_N so only a request's last block is ragged.
-    split_size = triton.cdiv(triton.cdiv(max(max_kv, 1), num_splits), block_n) * block_n
     out = q.new_empty(batch, num_heads, head_dim) if out is None else out
     if batch == 0:
         return out
@@ -177,6 +187,7 @@ def decode_attention(
         k_pool,
         v_pool,
         kv_slots,
+        kv_rows if kv_rows is not None else kv_lens,
         kv_lens,
         mid_o,
         mid_lse,
@@ -186,7 +197,6 @@ def decode_attention(
         k_pool.stride(1),
         kv_slots.stride(0),
         scale * _LOG2E,
-        split_size,
         num_splits,
         group,
         HEAD_DIM=head_dim,
@@ -194,6 +204,7 @@ def decode_attention(
         BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_N=block_n,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        HAS_ROWS=kv_rows is not None,
         num_warps=_TILE["warps"],
         num_stages=_TILE["stages"],
     )
@@ -220,12 +231,14 @@ def decode_attention_ref(
     kv_slots: torch.Tensor,
     kv_lens: torch.Tensor,
     scale: float,
+    kv_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One request at a time, fp32 softmax: slow and obviously right."""
     group = q.shape[1] // k_pool.shape[1]
     out = torch.empty_like(q)
     for i in range(q.shape[0]):
-        slots = kv_slots[i, : int(kv_lens[i])]
+        row = i if kv_rows is None else int(kv_rows[i])
+        slots = kv_slots[row, : int(kv_lens[i])]
         keys = k_pool[slots].float().repeat_interleave(group, dim=1)  # [L, H, D]
         values = v_pool[slots].float().repeat_interleave(group, dim=1)
         scores = torch.einsum("hd,lhd->hl", q[i].float(), keys) * scale

@@ -2,7 +2,12 @@ from __future__ import annotations
 
 import pytest
 
-from llmconsole.core.config import ConfigError, EngineConfig, cuda_graph_max_bs_for_memory
+from llmconsole.core.config import (
+    ConfigError,
+    EngineConfig,
+    auto_attention_backend,
+    cuda_graph_max_bs_for_memory,
+)
 
 
 @pytest.mark.parametrize(
@@ -47,6 +52,22 @@ def test_auto_values_resolve_per_device() -> None:
     assert (cpu.device, cpu.dtype, cpu.attention_backend) == ("cpu", "float32", "torch")
     assert cpu.max_total_tokens and cpu.chunked_prefill_size and cpu.max_running_requests
     gpu = EngineConfig().resolve("cuda", gpu_memory_gb=79.2)
-    assert (gpu.dtype, gpu.cuda_graph_max_bs, gpu.attention_backend) == ("bfloat16", 256, "torch")
+    assert (gpu.dtype, gpu.cuda_graph_max_bs) == ("bfloat16", 256)
+    assert gpu.attention_backend == auto_attention_backend("cuda")
     assert EngineConfig(cuda_graph_max_bs=32).resolve("cuda", 79.2).cuda_graph_max_bs == 32
     assert [cuda_graph_max_bs_for_memory(g) for g in (16, 24, 40, 79.2)] == [8, 24, 32, 256]
+
+
+def test_auto_attention_backend_is_triton_on_cuda_torch_on_cpu(monkeypatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    assert EngineConfig().resolve("cpu").attention_backend == "torch"
+    if real("triton") is not None:
+        assert EngineConfig().resolve("cuda", 79.2).attention_backend == "triton"
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real(name, *a)
+    )
+    assert EngineConfig().resolve("cuda", 79.2).attention_backend == "torch"  # no triton
+    explicit = EngineConfig(attention_backend="torch").resolve("cuda", 79.2)
+    assert explicit.attention_backend == "torch"

@@ -185,6 +185,27 @@ for _case in DECODE_CASES:
     check(f"decode_attention[{_case}]")(lambda case=_case: _decode_check(case))
 
 
+@check("decode_attention[slot_table_rows_fixed_splits]")
+def _check_decode_rows() -> None:
+    """The CUDA-graph launch: slots read in place from a slot table through per-request rows,
+    one fixed split count for requests of any length (each cuts its own KV into slices)."""
+    from llmconsole.kernels import decode_attention as da
+
+    gen = torch.Generator().manual_seed(4)
+    heads, kv_heads, head_dim, page_size, kv_lens = 8, 2, 32, 4, [1, 150, 64, 7]
+    kv_slots, num_pages = page_tables(kv_lens, page_size, gen)
+    table = torch.zeros(7, 200, dtype=torch.int64)  # row 0: the dummy row
+    rows = torch.tensor([5, 2, 6, 3, 0])  # the last request is CUDA-graph padding
+    table[rows[:-1], : kv_slots.shape[1]] = kv_slots
+    lens = torch.tensor([*kv_lens, 1])
+    k_pool, v_pool = random_pool(num_pages * page_size, kv_heads, head_dim, page_size)
+    q = torch.randn(len(lens), heads, head_dim, generator=gen)
+    want = da.decode_attention_ref(q, k_pool, v_pool, table, lens, 0.3, kv_rows=rows)
+    for splits in (1, 5, 33):
+        got = da.decode_attention(q, k_pool, v_pool, table, lens, 0.3, splits, kv_rows=rows)
+        torch.testing.assert_close(got, want)
+
+
 EXTEND_CASES = {
     # name: (page_size, heads, kv_heads, head_dim, [(prefix_len, extend_len), ...])
     "p1_gqa3": (1, 6, 2, 32, [(0, 17), (5, 1), (64, 70), (3, 2)]),

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..kv_cache import KVPool
+from ..transfer import to_device
 from .base import AttentionBackend, AttentionInputs
 
 # cuDNN's SDPA builds (and caches) an execution plan per sequence length: every decode step has a
@@ -43,13 +44,14 @@ class TorchAttention(AttentionBackend):
         kv_lens = inputs.kv_lens
         max_kv = int(inputs.kv_slots.shape[1])
         num_tokens = int(extend.sum())
-        self._write_slots = inputs.write_slots.to(device, non_blocking=True)
+        self.write_slots = to_device(inputs.write_slots, device)
         # One flat index: index_select is several times faster than 2-D advanced indexing.
-        self._kv_flat = inputs.kv_slots.reshape(-1).to(device, non_blocking=True)
+        self._kv_flat = to_device(inputs.kv_slots.reshape(-1), device)
         # A lone request whose slots are one contiguous run (the allocator hands out ascending
-        # pages) reads its KV as a view of the pool: no gather at all.
+        # pages) reads its KV as a view of the pool: no gather at all. Checked only where the
+        # slots are on the host: reading device slots back would stall the step.
         self._kv_run: tuple[int, int] | None = None
-        if bsz == 1:
+        if bsz == 1 and inputs.kv_slots.device.type == "cpu":
             first = int(inputs.kv_slots[0, 0])
             if torch.equal(inputs.kv_slots[0], torch.arange(first, first + max_kv)):
                 self._kv_run = (first, first + max_kv)
@@ -79,11 +81,11 @@ class TorchAttention(AttentionBackend):
             mask &= key_pos[None, None, :] < kv_lens[:, None, None]
             mask[:, :, 0] |= ~valid_q  # padded queries attend to slot 0 only, never NaN
             mask = mask[:, None]
-            self._q_index = q_index.to(device)
-            self._out_index = (torch.arange(bsz)[:, None] * max_extend + q_off[None, :])[
-                valid_q
-            ].to(device)
-        self._mask = None if mask is None else mask.to(device)
+            self._q_index = to_device(q_index, device)
+            self._out_index = to_device(
+                (torch.arange(bsz)[:, None] * max_extend + q_off[None, :])[valid_q], device
+            )
+        self._mask = None if mask is None else to_device(mask, device)
         self._shape = (bsz, max_extend, max_kv)
 
     def forward(
@@ -93,8 +95,10 @@ class TorchAttention(AttentionBackend):
         k: torch.Tensor,  # [T, Hkv, D]
         v: torch.Tensor,  # [T, Hkv, D]
         scale: float,
+        kv_written: bool = False,
     ) -> torch.Tensor:
-        self.pool.write(layer_id, self._write_slots, k, v)
+        if not kv_written:
+            self.pool.write(layer_id, self.write_slots, k, v)
         bsz, max_extend, max_kv = self._shape
         heads, head_dim = q.shape[1], q.shape[2]
         kv_shape = (bsz, max_kv, k.shape[1], head_dim)

@@ -3,11 +3,18 @@
 Inputs are flattened: every new token of every request in one [T] vector, with its position; the
 attention backend knows which request each token belongs to and where its KV lives. Q/K/V and
 gate/up are merged into one matmul each (fewer, larger GEMMs; one weight read per step).
+
+On CUDA the element-wise work runs in our Triton kernels (llmconsole.kernels): fused residual-add
++ RMSNorm, SiLU-and-mul, and rope fused with the paged-KV write. Elsewhere (CPU) it is plain
+torch, which is what the CPU tests compare with transformers.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterable
+from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -47,13 +54,35 @@ class Embedding(nn.Module):
         return F.embedding(ids, self.weight)
 
 
+@dataclass(frozen=True)
+class Kernels:
+    """Our Triton kernels, for models built on CUDA (imported once, at model build)."""
+
+    norm: ModuleType
+    activation: ModuleType
+    rope_kv: ModuleType
+
+    @staticmethod
+    def for_device(device: torch.device) -> Kernels | None:
+        if device.type != "cuda" or importlib.util.find_spec("triton") is None:
+            return None
+        from ...kernels import activation, norm, rope_kv
+
+        return Kernels(norm, activation, rope_kv)
+
+
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float, dtype: torch.dtype) -> None:
+    def __init__(
+        self, dim: int, eps: float, dtype: torch.dtype, kernels: Kernels | None = None
+    ) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype), requires_grad=False)
         self.eps = eps
+        self.kernels = kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernels is not None and x.dim() == 2:
+            return self.kernels.norm.rms_norm(x, self.weight, self.eps)
         if x.dtype == torch.float32:  # torch's fused kernel: one op instead of seven
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         x32 = x.float()  # half precision: normalise in fp32, as the checkpoints were trained
@@ -64,19 +93,44 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(x + residual), x + residual): the pre-norm block's two outputs in one call."""
+        if self.kernels is not None:
+            # In place: x is a fresh projection output and residual the layer stack's own.
+            return self.kernels.norm.fused_add_rms_norm(
+                x, residual, self.weight, self.eps, inplace=True
+            )
         residual = x + residual
         return self(residual), residual
+
+
+@dataclass(frozen=True)
+class Rope:
+    """One step's rotary inputs: cos/sin per token (torch path), or the positions and the fp32
+    [cos | sin] table the fused rope + KV-write kernel reads (CUDA path)."""
+
+    positions: torch.Tensor  # [T]
+    cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None  # [T, 1, D] each
+    table: torch.Tensor | None = None  # [max_positions, D] fp32
 
 
 class RotaryEmbedding(nn.Module):
     """cos/sin per position, computed for the step's positions once and shared by all layers."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, kernels: Kernels | None = None) -> None:
         super().__init__()
         device = torch.empty(0).device  # where the model is being built (`with torch.device`)
         with torch.device("cpu"):  # transformers' rope maths, computed once on the host
             inv_freq, self.scale = config.rope_inv_freq()
         self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)  # fp32, always
+        self.table: torch.Tensor | None = None
+        if kernels is not None:
+            self.table = kernels.rope_kv.rope_cos_sin_cache(
+                self.inv_freq, config.max_position_embeddings, self.scale
+            )
+
+    def step(self, positions: torch.Tensor, dtype: torch.dtype) -> Rope:
+        if self.table is not None:
+            return Rope(positions, table=self.table)
+        return Rope(positions, cos_sin=self.cos_sin(positions, dtype))  # type: ignore[arg-type]
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
@@ -94,10 +148,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_id: int, dtype: torch.dtype) -> None:
+    def __init__(
+        self, config: ModelConfig, layer_id: int, dtype: torch.dtype, kernels: Kernels | None
+    ) -> None:
         super().__init__()
         self.layer_id = layer_id
         self.config = config
+        self.kernels = kernels
         self.qkv_proj = Linear(
             config.hidden_size,
             config.q_size + 2 * config.kv_size,
@@ -113,7 +170,7 @@ class Attention(nn.Module):
     def forward(
         self,
         hidden: torch.Tensor,  # [T, hidden]
-        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        rope: Rope,
         attn: AttentionBackend,
     ) -> torch.Tensor:
         c = self.config
@@ -127,39 +184,61 @@ class Attention(nn.Module):
             qk = torch.cat([q, k], dim=1)
         else:
             qk = qk.view(-1, c.num_heads + c.num_kv_heads, c.head_dim)
+        if rope.table is not None and self.kernels is not None:
+            # One kernel: rotate q in place, write rotated k and v into the pool.
+            q, k = qk.split_with_sizes([c.num_heads, c.num_kv_heads], dim=1)
+            pool = attn.pool
+            self.kernels.rope_kv.rope_and_write_kv(
+                q,
+                k,
+                v,
+                rope.positions,
+                rope.table,
+                pool.k[self.layer_id],
+                pool.v[self.layer_id],
+                attn.write_slots,
+            )
+            out = attn.forward(self.layer_id, q, k, v, self.scale, kv_written=True)
+            return self.o_proj(out.reshape(-1, c.q_size))
+        assert rope.cos_sin is not None
         # Rope on q and k heads together: one set of element-wise ops instead of two.
-        qk = apply_rope(qk, *cos_sin)
+        qk = apply_rope(qk, *rope.cos_sin)
         q, k = qk.split_with_sizes([c.num_heads, c.num_kv_heads], dim=1)
         out = attn.forward(self.layer_id, q, k, v, self.scale)  # [T, H, D]
         return self.o_proj(out.reshape(-1, c.q_size))
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, kernels: Kernels | None) -> None:
         super().__init__()
         self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, dtype)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, dtype)
+        self.kernels = kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernels is not None:
+            return self.down_proj(self.kernels.activation.silu_and_mul(self.gate_up_proj(x)))
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         # In place on the fresh gate_up output: two fewer [T, intermediate] allocations.
         return self.down_proj(F.silu(gate, inplace=True).mul_(up))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_id: int, dtype: torch.dtype) -> None:
+    def __init__(
+        self, config: ModelConfig, layer_id: int, dtype: torch.dtype, kernels: Kernels | None
+    ) -> None:
         super().__init__()
         eps = config.rms_norm_eps
-        self.input_layernorm = RMSNorm(config.hidden_size, eps, dtype)
-        self.self_attn = Attention(config, layer_id, dtype)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, dtype)
-        self.mlp = MLP(config, dtype)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps, dtype, kernels)
+        self.self_attn = Attention(config, layer_id, dtype, kernels)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, dtype, kernels)
+        self.mlp = MLP(config, dtype, kernels)
 
     def forward(
         self,
         hidden: torch.Tensor,
         residual: torch.Tensor | None,
-        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        rope: Rope,
         attn: AttentionBackend,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
@@ -167,7 +246,7 @@ class DecoderLayer(nn.Module):
             hidden = self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm.add_and_norm(hidden, residual)
-        hidden = self.self_attn(hidden, cos_sin, attn)
+        hidden = self.self_attn(hidden, rope, attn)
         hidden, residual = self.post_attention_layernorm.add_and_norm(hidden, residual)
         return self.mlp(hidden), residual
 
@@ -178,12 +257,14 @@ class LlamaForCausalLM(nn.Module):
         inside `with torch.device(...)`), then filled by `load_weights` or `init_random`."""
         super().__init__()
         self.config = config
+        kernels = Kernels.for_device(torch.empty(0).device)
+        self.uses_fused_kernels = kernels is not None
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, i, dtype) for i in range(config.num_layers)
+            DecoderLayer(config, i, dtype, kernels) for i in range(config.num_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.rotary = RotaryEmbedding(config)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, kernels)
+        self.rotary = RotaryEmbedding(config, kernels)
         if not config.tie_word_embeddings:
             self.lm_head = Linear(config.hidden_size, config.vocab_size, dtype)
 
@@ -199,15 +280,18 @@ class LlamaForCausalLM(nn.Module):
         positions: torch.Tensor,  # [T]
         attn: AttentionBackend,
         logit_indices: torch.Tensor | None = None,  # [S]: rows whose logits are wanted
-    ) -> torch.Tensor:  # [S, V] (or [T, V] when logit_indices is None)
+        out: torch.Tensor | None = None,  # [S, V] in the model's dtype (a CUDA graph's buffer)
+    ) -> torch.Tensor:  # [S, V] fp32, or `out` (or [T, V] when logit_indices is None)
         hidden = self.embed_tokens(input_ids)
-        cos_sin = self.rotary.cos_sin(positions, hidden.dtype)
+        rope = self.rotary.step(positions, hidden.dtype)
         residual = None
         for layer in self.layers:
-            hidden, residual = layer(hidden, residual, cos_sin, attn)
+            hidden, residual = layer(hidden, residual, rope, attn)
         hidden, _ = self.norm.add_and_norm(hidden, residual)
         if logit_indices is not None:
             hidden = hidden[logit_indices]
+        if out is not None:
+            return torch.mm(hidden, self.lm_head_weight.t(), out=out)
         return F.linear(hidden, self.lm_head_weight).float()
 
     # ---- weights ---------------------------------------------------------------------------

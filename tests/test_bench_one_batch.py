@@ -1,0 +1,45 @@
+"""`llmconsole bench one-batch` on CPU with a tiny random model: the figures are not checked,
+the accounting and the CUDA-graph reporting are."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from llmconsole.console import cli
+
+
+def test_one_batch_reports_prefill_and_eager_decode_per_batch_size(tmp_path: Path) -> None:
+    if not any(c.name == "one-batch" for c in cli.bench_app.registered_commands):
+        cli._register_bench()
+    out_file = tmp_path / "one-batch.jsonl"
+    args = ["bench", "one-batch", "--model", "tiny-llama", "--load-format", "dummy"]
+    args += ["--batch-size", "1", "3", "--input-len", "20", "--output-len", "3"]
+    result = CliRunner().invoke(
+        cli.app, [*args, "--output-file", str(out_file)], env={"COLUMNS": "200"}
+    )
+    assert result.exit_code == 0, result.output
+    assert "prefill tok/s" in result.stdout and "eager tok/s" in result.stdout
+    rows = [json.loads(line) for line in out_file.read_text().splitlines()]
+    assert [r["batch_size"] for r in rows] == [1, 3]
+    for row in rows:
+        assert (row["input_len"], row["output_len"]) == (20, 3)
+        assert row["prefill_s"] > 0 and row["eager_step_ms"] > 0
+        expected = row["batch_size"] * 20 / row["prefill_s"]
+        assert abs(row["prefill_tok_s"] - expected) < 1e-6 * expected
+        assert abs(row["eager_tok_s"] * row["eager_step_ms"] / 1e3 - row["batch_size"]) < 1e-6
+        # CPU: no graphs, and the row says so rather than inventing a figure.
+        assert row["graph_step_ms"] is None and row["cuda_graph"] is False
+        assert row["attention_backend"] == "torch" and row["model"] == "tiny-llama"
+
+
+def test_one_batch_rejects_a_batch_that_cannot_fit(tmp_path: Path) -> None:
+    if not any(c.name == "one-batch" for c in cli.bench_app.registered_commands):
+        cli._register_bench()
+    args = ["bench", "one-batch", "--model", "tiny-llama", "--load-format", "dummy"]
+    args += ["--batch-size", "2", "--input-len", "4000", "--output-len", "2"]
+    result = CliRunner().invoke(cli.app, args, env={"COLUMNS": "200"})
+    assert result.exit_code != 0
+    assert "tokens per request" in str(result.exception) + result.output
