@@ -21,11 +21,18 @@ from .kv_cache import KVPool, PageAllocator
 from .model_loader import LoadedModel, Progress, gpu_memory_gb, load_model, pick_device
 from .outputs import Delta, GenerationResult, RequestHandle, Usage
 from .pool_sizing import kv_pool_spec
-from .request import FinishReason, Request
+from .request import FinishReason, Request, RequestState
 from .runner import ModelRunner, StepOutput
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledBatch, Scheduler
-from .telemetry import EngineEvent, RequestRecord, StepRecord, Subscription, TelemetryBuffer
+from .telemetry import (
+    EngineEvent,
+    LiveRequest,
+    RequestRecord,
+    StepRecord,
+    Subscription,
+    TelemetryBuffer,
+)
 
 
 class RequestError(ValueError):
@@ -60,6 +67,19 @@ class _Shutdown:
 Prompt = str | Sequence[int]
 
 
+@dataclass(frozen=True)
+class RequestDetail:
+    """A request's prompt and output so far, decoded on the caller's thread."""
+
+    rid: str
+    prompt: str
+    output: str
+    prompt_tokens: int
+    generated_tokens: int
+    max_new_tokens: int
+    params: SamplingParams
+
+
 class Engine:
     def __init__(self, config: EngineConfig | None = None, progress: Progress | None = None):
         config = config or EngineConfig()
@@ -69,9 +89,17 @@ class Engine:
         self.loaded: LoadedModel = load_model(self.config, progress)
         self.tokenizer = self.loaded.tokenizer
         self.model_name = self.loaded.source.name
+        if progress is not None:
+            progress("allocating KV cache", 0.95)
         self._build_runtime()
+        self._capture_cuda_graphs(progress)
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._handles: dict[str, RequestHandle] = {}
+        # rid -> Request of every unfinished request; the engine thread writes it, other threads
+        # only do single `get`s (atomic in CPython) to read a request's tokens.
+        self._requests: dict[str, Request] = {}
+        self._live: tuple[LiveRequest, ...] = ()
+        self._live_wanted = False
         self._ids = itertools.count()
         self._step_ids = itertools.count()
         self._stopped = threading.Event()
@@ -94,10 +122,45 @@ class Engine:
             self.allocator, spec.page_size, cfg.max_running_requests, cfg.chunked_prefill_size
         )
         attention = make_backend(cfg.attention_backend, self.pool)
-        self.runner = ModelRunner(loaded.model, self.pool, attention, loaded.device)
         model_context = loaded.model_config.max_position_embeddings
         self.context_length = min(cfg.context_length or model_context, model_context)
         self.max_request_tokens = min(self.context_length, self.scheduler.capacity_tokens)
+        self.runner = ModelRunner(
+            loaded.model,
+            self.pool,
+            attention,
+            loaded.device,
+            cfg.max_running_requests,
+            self.max_request_tokens,
+        )
+
+    def _capture_cuda_graphs(self, progress: Progress | None) -> None:
+        """Decode graphs for every bucket up to --cuda-graph-max-bs, once the KV pool exists."""
+        cfg = self.config
+        if self.loaded.device.type != "cuda":
+            return
+        reason = self.runner.cuda_graph_unsupported()
+        if cfg.disable_cuda_graph or not cfg.cuda_graph_max_bs:
+            reason = "--disable-cuda-graph"
+        if reason is not None:
+            self._event("cuda_graph", f"CUDA graphs off: {reason}; decode runs eager", {})
+            return
+        max_bs = min(cfg.cuda_graph_max_bs, cfg.max_running_requests)
+        report = self.runner.capture_cuda_graphs(
+            max_bs,
+            None if progress is None else lambda f: progress("capturing CUDA graphs", f),
+        )
+        sizes = report.batch_sizes
+        self._event(
+            "cuda_graph",
+            f"captured {len(sizes)} decode CUDA graphs (batch {', '.join(map(str, sizes))}) "
+            f"in {report.seconds:.1f} s",
+            {
+                "batch_sizes": list(sizes),
+                "capture_seconds": round(report.seconds, 3),
+                "memory_mib": round(report.memory_bytes / 2**20, 1),
+            },
+        )
 
     # ---- public API --------------------------------------------------------------------------
 
@@ -161,12 +224,40 @@ class Engine:
     def subscribe(self) -> Subscription:
         return self.telemetry.subscribe()
 
+    def live_requests(self) -> tuple[LiveRequest, ...]:
+        """Unfinished requests as of the last step (at most one step old once polled steadily):
+        the engine rebuilds the snapshot after a step only when someone has asked since."""
+        self._live_wanted = True
+        return self._live
+
+    def request_detail(self, rid: str) -> RequestDetail | None:
+        """Prompt and text so far of an unfinished request; None once it has finished."""
+        req = self._requests.get(rid)
+        if req is None:
+            return None
+        prompt_ids, output_ids = list(req.prompt_ids), list(req.output_ids)
+        decode = self.tokenizer.decode if self.tokenizer is not None else str
+        return RequestDetail(
+            rid,
+            decode(prompt_ids),
+            decode(output_ids) if output_ids else "",
+            len(prompt_ids),
+            len(output_ids),
+            req.max_new_tokens,
+            req.params,
+        )
+
+    def log_event(self, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
+        """Add an event from outside the engine (an export, a load run) to the session record."""
+        self._event(kind, message, data)
+
     def shutdown(self, timeout: float = 30.0) -> None:
         """Finish every pending request with reason "abort", stop the loop and join it."""
         if self._thread.is_alive():
             self._inbox.put(_Shutdown())
             self._thread.join(timeout)
         if not self._thread.is_alive():
+            self.runner.release()  # graphs and slot table first: pool.release empties the cache
             self.pool.release()  # a stopped engine holds no KV memory (GPU memory goes back)
 
     def __enter__(self) -> Engine:
@@ -232,7 +323,10 @@ class Engine:
 
     def _loop(self) -> None:
         while True:
-            if not self._drain_inbox(block=not self.scheduler.has_work()):
+            idle = not self.scheduler.has_work()
+            if idle and self._live:
+                self._publish_live()  # nobody should see requests that have finished
+            if not self._drain_inbox(block=idle):
                 break
             batch = self.scheduler.schedule()
             if batch is None:
@@ -247,12 +341,34 @@ class Engine:
                 continue
             generated = self._process(batch, out)
             self._record_step(batch, out, generated, time.perf_counter() - started)
+            if self._live_wanted:
+                self._publish_live()
             if not self.scheduler.has_work():
                 self._check_when_idle()
         self._stopped.set()
         for req in list(self.scheduler.requests()):
             self._finish(req, FinishReason.ABORT, "the engine shut down")
+        self._publish_live()
         self._event("shutdown", "engine stopped")
+
+    def _publish_live(self) -> None:
+        self._live_wanted = False
+        self._live = tuple(
+            LiveRequest(
+                rid=req.rid,
+                state="queued"
+                if req.state is RequestState.WAITING
+                else ("prefill" if req.in_prefill else "decode"),
+                arrival=req.arrival_time,
+                first_token=req.first_token_time,
+                prompt_tokens=req.num_prompt_tokens,
+                cached_tokens=req.num_cached_tokens,
+                generated_tokens=len(req.output_ids),
+                computed_tokens=req.num_computed,
+                retractions=req.num_retractions,
+            )
+            for req in self.scheduler.requests()
+        )
 
     def _check_when_idle(self) -> None:
         # A broken invariant is reported, never allowed to kill the engine thread.
@@ -272,6 +388,7 @@ class Engine:
                 return False
             if isinstance(command, _Submit):
                 self._handles[command.req.rid] = command.handle
+                self._requests[command.req.rid] = command.req
                 self.scheduler.add(command.req)
             elif isinstance(command, _Abort):
                 req = next((r for r in self.scheduler.requests() if r.rid == command.rid), None)
@@ -348,6 +465,7 @@ class Engine:
         prompt_logprobs: tuple[Any, ...] | None = None,
     ) -> None:
         self.scheduler.finish(req)
+        self._requests.pop(req.rid, None)
         req.finish_reason = reason
         req.error = error
         req.finish_time = time.time()

@@ -65,7 +65,7 @@ def test_requests_fill_the_table_and_steps_accumulate(engine: Engine) -> None:
             with ThreadPoolExecutor(4) as pool:
                 futures = fire(pool, client_for(app), prompts, max_tokens=48)
                 await until(pilot, lambda: table.row_count == 4)
-                states = {table.get_row_at(i)[1] for i in range(table.row_count)}
+                states = {table.cells(rid)[1] for rid in table.rids()}
                 assert states <= {"queued", "prefill", "decode"}
                 results = [await asyncio.wrap_future(f) for f in futures]
             assert all(reason == "length" for _, reason in results)
@@ -89,7 +89,7 @@ def test_cancel_from_the_table_aborts_the_request_and_frees_its_pages(engine: En
             with ThreadPoolExecutor(1) as pool:
                 (future,) = fire(pool, client_for(app), ["Tell me a long story."], 4000)
                 await until(pilot, lambda: table.row_count == 1)
-                rid = table.get_row_at(0)[0]
+                (rid,) = table.rids()
                 await until(pilot, lambda: app.model.live and app.model.live[0].state == "decode")
                 table.focus()
                 await pilot.press("x")
@@ -117,6 +117,7 @@ def test_enter_opens_the_request_with_its_prompt_and_text_so_far(engine: Engine)
                 await until(
                     pilot, lambda: bool(app.model.live) and app.model.live[0].generated_tokens > 3
                 )
+                await until(pilot, lambda: table.row_count == 1)  # painted (2 Hz)
                 table.focus()
                 await pilot.press("enter")
                 await until(pilot, lambda: isinstance(app.screen, RequestScreen))
@@ -283,9 +284,9 @@ def test_record_then_replay_drives_the_same_widgets(engine: Engine, tmp_path: Pa
     async def play() -> None:
         async with replay.run_test(size=SIZE) as pilot:
             await until(pilot, lambda: replay.source.finished)  # type: ignore[union-attr]
-            await pilot.pause(0.2)
-            assert replay.model.total_steps == len(recorded_steps)
             strip = replay.query_one(StepStrip)
+            await until(pilot, lambda: bool(strip.visible_steps()))  # the next repaint
+            assert replay.model.total_steps == len(recorded_steps)
             assert strip.visible_steps()[-1].step_id == recorded_steps[-1].step_id
             assert replay.query_one(EventLog).lines  # start event at least
             assert replay.model.finished_ok >= 2

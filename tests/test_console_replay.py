@@ -74,9 +74,7 @@ def test_replay_fills_table_strip_and_counters_like_the_session(utc: None) -> No
             await pilot.pause()
             table = app.query_one(RequestsTable)
             assert table.row_count == len(live.requests) > 0
-            assert [table.get_row_at(i)[0] for i in range(table.row_count)] == [
-                r.rid for r in live.requests
-            ]
+            assert table.rids() == [r.rid for r in live.requests]
             assert app.model.total_steps == len(steps)
             assert app.query_one(StepStrip).visible_steps()[-1] == steps[-1]
             assert "paused" in app.status and f"{position:.0f}/" in app.status

@@ -100,30 +100,41 @@ class StepStrip(Widget, can_focus=True):
         steps = self.visible_steps()
         largest = max((s.batch_size for s in steps), default=0)
         focused = self._focused_step()
+        # Component styles are resolved through CSS: once per render, not once per cell.
+        styles = {
+            name: self.get_component_rich_style(f"stepstrip--{name}")
+            for name in ("graph", "eager", "prefill", "verify", "selected", "legend")
+        }
+        pinned = self._hover is not None or self._selected is not None
+        marked = focused.step_id if focused is not None and pinned else None
         text = Text(no_wrap=True, overflow="crop")
         text.append(" " * (self.size.width - len(steps)))
+        # One segment per run of same-styled cells: painting cost grows with segments.
+        run: list[str] = []
+        run_style: Style | None = None
         for step in steps:
-            style = self.get_component_rich_style(f"stepstrip--{step_class(step)}")
-            if (
-                focused is not None
-                and step.step_id == focused.step_id
-                and (self._hover is not None or self._selected is not None)
-            ):
-                style += self.get_component_rich_style("stepstrip--selected")
-            text.append(bar_for(step.batch_size, largest), style=style)
+            style = styles[step_class(step)]
+            if step.step_id == marked:
+                style += styles["selected"]
+            if style != run_style and run:
+                text.append("".join(run), style=run_style)
+                run = []
+            run_style = style
+            run.append(bar_for(step.batch_size, largest))
+        if run:
+            text.append("".join(run), style=run_style)
         text.append("\n")
         text.append(describe_step(focused) if focused else "no steps yet", style=Style(bold=True))
         text.append("\n")
-        legend = self.get_component_rich_style("stepstrip--legend")
         for name, label in (
             ("graph", "CUDA graph"),
             ("eager", "eager"),
             ("prefill", "prefill"),
             ("verify", "verify"),
         ):
-            text.append("█ ", style=self.get_component_rich_style(f"stepstrip--{name}"))
-            text.append(f"{label}   ", style=legend)
-        text.append("height: batch size", style=legend)
+            text.append("█ ", style=styles[name])
+            text.append(f"{label}   ", style=styles["legend"])
+        text.append("height: batch size", style=styles["legend"])
         return text
 
     def _step_at(self, x: int) -> StepRecord | None:
