@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import itertools
 import datetime as dt
 import threading
 from collections import deque
@@ -123,16 +124,15 @@ class TelemetryBuffer:
             self._next_seq += 1
 
     def since(self, seq: int) -> tuple[list[Record], int, int]:
-        """Records with sequence >= seq, the next cursor, and how many were already overwritten."""
+        """Records with sequence >= seq, the next cursor, and how many were already overwritten.
+        Costs O(new records), not O(buffer): readers poll this several times a second."""
         with self._lock:
-            items = list(self._ring)
             next_seq = self._next_seq
-        if not items:
-            return [], next_seq, 0
-        first = items[0][0]
-        dropped = max(0, first - seq)
-        start = max(0, seq - first)
-        return [r for _, r in items[start:]], next_seq, dropped
+            first = next_seq - len(self._ring)
+            wanted = next_seq - max(seq, first)
+            tail = list(itertools.islice(reversed(self._ring), max(0, wanted)))
+        tail.reverse()
+        return [r for _, r in tail], next_seq, max(0, first - seq)
 
     def snapshot(self) -> list[Record]:
         return self.since(0)[0]

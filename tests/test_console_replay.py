@@ -145,3 +145,16 @@ def test_model_buckets_seconds_and_counts_failures() -> None:
     assert changes.requests and [e.kind for e in changes.events] == ["export"]
     assert (model.finished_ok, model.finished_failed) == (1, 1)
     assert len(model.session) == 6
+
+
+def test_the_gpu_recording_shows_graphs_up_to_max_bs_then_eager() -> None:
+    """The workshop's lesson, recorded on an H100 (recordings/record_gpu_demo.py): with
+    --cuda-graph-max-bs 8, decode batches of 4 and 8 replay graphs; a batch of 24 runs eager."""
+    rec = read_recording(RECORDING.with_name("llama3-8b-h100-graphs.jsonl"))
+    assert rec.engine["config"]["cuda_graph_max_bs"] == 8
+    decode = [r for r in rec.records() if isinstance(r, StepRecord) and r.kind == "decode"]
+    assert all(s.cuda_graph == (s.batch_size <= 8) for s in decode)
+    assert all(s.padded_bs >= s.batch_size for s in decode if s.cuda_graph)
+    assert {s.batch_size for s in decode} >= {4, 8, 24}
+    events = [r for r in rec.records() if isinstance(r, EngineEvent)]
+    assert any(e.kind == "cuda_graph" and e.data["batch_sizes"] == [1, 2, 4, 8] for e in events)

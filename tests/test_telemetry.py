@@ -50,3 +50,20 @@ def test_export_writes_three_csvs_with_iso_times(tmp_path) -> None:
     with open(tmp_path / "session" / "steps.csv", newline="") as fh:
         header = next(csv.reader(fh))
     assert header[:4] == ["step_id", "time", "kind", "batch_size"]
+
+
+def test_ring_buffer_cursor_reads_only_new_records_and_counts_overwritten() -> None:
+    from llmconsole.core.telemetry import EngineEvent, TelemetryBuffer
+
+    ring = TelemetryBuffer(capacity=4)
+    for i in range(10):
+        ring.append(EngineEvent(float(i), "start", str(i)))
+    records, cursor, dropped = ring.since(0)
+    assert [r.message for r in records] == ["6", "7", "8", "9"] and (cursor, dropped) == (10, 6)
+    records, cursor, dropped = ring.since(8)
+    assert [r.message for r in records] == ["8", "9"] and dropped == 0
+    assert ring.since(10) == ([], 10, 0)
+    sub = ring.subscribe()
+    assert len(sub.poll()) == 4 and sub.dropped == 6
+    ring.append(EngineEvent(10.0, "export", "10"))
+    assert [r.message for r in sub.poll()] == ["10"] and sub.poll() == []
