@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import itertools
 import datetime as dt
+import itertools
 import threading
 from collections import deque
 from collections.abc import Iterable
