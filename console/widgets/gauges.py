@@ -43,9 +43,21 @@ class Gauges(Widget):
             ),
             ("queue    ", queued / max(1, max_running), "yellow", f" {queued} waiting"),
         )
+        values = (rows, tokens_per_s, finished_ok, finished_failed)
+        if values != self._values:
+            self._values = values
+            self.refresh()
+
+    _values: tuple = ((), 0.0, 0, 0)
+
+    def render(self) -> Text:
+        # Built here, not in show(): the bars' width depends on the size at paint time.
+        rows, tokens_per_s, finished_ok, finished_failed = self._values
+        text = Text(no_wrap=True, overflow="crop")
+        if not rows:
+            return text
         # The bar takes what the labels leave (the panel's padding is 1 cell a side).
         width = max(4, self.size.width - 2 - 9 - max(len(r[3]) for r in rows))
-        text = Text(no_wrap=True, overflow="crop")
         for label, fraction, style, suffix in rows:
             text.append(label, style="bold")
             text.append(bar(fraction, width), style=style)
@@ -54,11 +66,4 @@ class Gauges(Widget):
         text.append(f"   finished {finished_ok}", style="dim")
         if finished_failed:
             text.append(f"   failed/cancelled {finished_failed}", style="red")
-        if text != self._text:
-            self._text = text
-            self.refresh()
-
-    _text: Text = Text()
-
-    def render(self) -> Text:
-        return self._text
+        return text
