@@ -277,13 +277,11 @@ class ConsoleApp(App[None]):
     def _gauges(self, now: float) -> None:
         assert self.source is not None
         config = self.source.describe().get("config", {})
-        step = self.model.last_step
         used, total = self.model.kv_usage()
         queued = sum(1 for r in self.model.live if r.state == "queued")
         running = len(self.model.live) - queued
-        if step is not None and not self.model.live:
-            running, queued = 0, 0
         self.panels.gauges.show(
+            # The last step's count predates the frees of the requests it finished.
             used if self.model.live else 0,
             total,
             running,

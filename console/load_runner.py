@@ -25,10 +25,13 @@ class LoadSettings:
     dataset_path: str | None = None  # a ShareGPT JSON file; None: the built-in prompts
 
     def __post_init__(self) -> None:
-        for name in ("concurrency", "requests", "max_tokens"):
-            value = getattr(self, "num_requests" if name == "requests" else name)
+        for name, value in (
+            ("concurrency", self.concurrency),
+            ("requests", self.num_requests),
+            ("max-tokens", self.max_tokens),
+        ):
             if value < 1:
-                raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {value}")
+                raise ValueError(f"{name} must be >= 1, got {value}")
 
     def bench_config(self, base_url: str, api_key: str | None) -> ServeBenchConfig:
         return ServeBenchConfig(

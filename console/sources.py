@@ -58,9 +58,6 @@ class EngineSource:
     def request_detail(self, rid: str) -> RequestDetail | None:
         return self.engine.request_detail(rid)
 
-    def abort(self, rid: str) -> None:
-        self.engine.abort(rid)
-
 
 class ReplaySource:
     """Plays a recording on its own clock: `speed` x real time, pausable, seekable."""

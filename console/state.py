@@ -83,7 +83,6 @@ class ConsoleModel:
         self._live_shape: tuple[tuple[str, str], ...] = ()
         self.total_generated = 0
         self.total_steps = 0
-        self.graph_steps = 0
         self.finished_ok = 0
         self.finished_failed = 0
         self.last_step: StepRecord | None = None
@@ -121,7 +120,6 @@ class ConsoleModel:
         self.last_step = step
         self.total_steps += 1
         self.total_generated += step.num_generated
-        self.graph_steps += step.cuda_graph
         if step.kind == "verify":
             self.spec.add(step)
         second = int(step.time)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from rich.text import Text
-from textual.widget import Widget
+
+from .text_panel import TextPanel
 
 KEY_FLAGS = (
     ("cuda_graph_max_bs", "cuda-graph-max-bs"),
@@ -45,7 +46,7 @@ def header_text(info: dict[str, Any], api_url: str, status: str) -> Text:
     return text
 
 
-class EngineHeader(Widget):
+class EngineHeader(TextPanel):
     DEFAULT_CSS = """
     EngineHeader {
         height: 2; background: $panel; color: $foreground;
@@ -55,11 +56,4 @@ class EngineHeader(Widget):
 
     def show(self, info: dict[str, Any], api_url: str, status: str) -> None:
         text = header_text(info, api_url, status)
-        if text != self._text:
-            self._text = text
-            self.refresh()
-
-    _text: Text = Text()
-
-    def render(self) -> Text:
-        return self._text
+        self.set_text(text)

@@ -4,9 +4,9 @@ Dimmed while speculation is off."""
 from __future__ import annotations
 
 from rich.text import Text
-from textual.widget import Widget
 
 from ..state import SpecStats
+from .text_panel import TextPanel
 
 
 def spec_text(algorithm: str, stats: SpecStats) -> Text:
@@ -31,7 +31,7 @@ def spec_text(algorithm: str, stats: SpecStats) -> Text:
     return text
 
 
-class SpecPanel(Widget):
+class SpecPanel(TextPanel):
     DEFAULT_CSS = """
     SpecPanel { height: 2; padding: 0 1; }
     SpecPanel.-off { color: $text-disabled; }
@@ -40,11 +40,4 @@ class SpecPanel(Widget):
     def show(self, algorithm: str, stats: SpecStats) -> None:
         self.set_class(algorithm in ("", "none", None), "-off")
         text = spec_text(algorithm, stats)
-        if text != self._text:
-            self._text = text
-            self.refresh()
-
-    _text: Text = Text()
-
-    def render(self) -> Text:
-        return self._text
+        self.set_text(text)

@@ -27,23 +27,12 @@ class ThroughputChart(PlotextPlot):
         plt.title("output tok/s (left) · running, queue (right) · last 2 min")
         plt.xlabel("seconds ago")
         if xs:
-            plt.plot(list(xs), list(tokens_per_s), label="tok/s", color="green", marker="braille")
-            plt.plot(
-                list(xs),
-                list(running),
-                label="running",
-                color="cyan",
-                yside="right",
-                marker="braille",
-            )
-            plt.plot(
-                list(xs),
-                list(queue),
-                label="queue",
-                color="orange",
-                yside="right",
-                marker="braille",
-            )
+            for label, ys, color, side in (
+                ("tok/s", tokens_per_s, "green", "left"),
+                ("running", running, "cyan", "right"),
+                ("queue", queue, "orange", "right"),
+            ):
+                plt.plot(list(xs), list(ys), label=label, color=color, yside=side, marker="braille")
             plt.xlim(min(xs[0], -10.0), 0.0)
         else:
             plt.xlim(-60.0, 0.0)
