@@ -21,13 +21,14 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import Footer, Label, ProgressBar
 
-from llmconsole.core.config import EngineConfig
-from llmconsole.core.engine import Engine
+from llmconsole.core.config import ConfigError, EngineConfig
+from llmconsole.core.engine import Engine, EngineStoppedError, RestartError, RestartResult
 from llmconsole.core.telemetry import EngineEvent, export_session
 from llmconsole.themes import THEMES
 
 from .load_runner import LoadOutcome, LoadRunner, LoadSettings
 from .recording import Recording
+from .screens.flags_editor import FlagsEditor
 from .screens.help import HelpScreen
 from .screens.load_dialog import LoadDialog
 from .screens.request_detail import RequestScreen
@@ -57,6 +58,15 @@ class Panels:
     log: EventLog
 
 
+PALETTE_FLAGS = (
+    ("cuda_graph_max_bs", "CUDA-graph max batch size"),
+    ("disable_cuda_graph", "CUDA graphs off/on"),
+    ("max_running_requests", "max running requests"),
+    ("chunked_prefill_size", "chunked-prefill size"),
+    ("max_total_tokens", "KV cache size (tokens)"),
+    ("attention_backend", "attention backend"),
+    ("speculative_algorithm", "speculative algorithm"),
+)
 REFRESH_S = 0.1  # ≤10 Hz, as the panels promise
 # The UI shares the GIL with the engine thread, which needs it between every two torch ops:
 # with CPython's default 5 ms switch interval a busy UI makes each of those waits long enough to
@@ -75,6 +85,7 @@ class ConsoleApp(App[None]):
     BINDINGS = [
         Binding("q", "quit", "Quit"),
         Binding("ctrl+c", "quit", "Quit", show=False, priority=True),
+        Binding("f", "flags", "Flags"),
         Binding("l", "load", "Load"),
         Binding("L", "stop_load", "Stop load"),
         Binding("e", "export", "Export CSV"),
@@ -120,6 +131,7 @@ class ConsoleApp(App[None]):
         self._ticks = 0
         self._steps_pending = False
         self._console_closed = False
+        self.restarting = False
 
     # ---- layout --------------------------------------------------------------------------------
 
@@ -187,6 +199,7 @@ class ConsoleApp(App[None]):
             self.call_from_thread(self._show_progress, stage, fraction)
 
     def _show_progress(self, stage: str, fraction: float) -> None:
+        self.query_one("#loading").remove_class("-hidden")
         self.query_one("#loading-stage", Label).update(stage)
         self.query_one("#loading-bar", ProgressBar).update(progress=fraction)
         self.status = stage
@@ -212,12 +225,22 @@ class ConsoleApp(App[None]):
         self._spec()
         self.panels.table.focus()
 
+    def _describe(self) -> dict[str, Any]:
+        """The source's description, with the flags restarts changed since it was taken."""
+        assert self.source is not None
+        info = self.source.describe()
+        if self.model.config_changes:
+            info = {**info, "config": {**info.get("config", {}), **self.model.config_changes}}
+        return info
+
     def _header(self) -> None:
-        info = self.source.describe() if self.source is not None else self._pending_info()
+        info = self._describe() if self.source is not None else self._pending_info()
         url = self.source.api_url if self.source is not None else ""
         status = self.status
         if isinstance(self.source, ReplaySource):
             status = self.status = self._replay_status(self.source)
+        elif info.get("state") == "restarting" and not self.restarting:
+            status = "restarting"  # e.g. over HTTP: POST /v1/engine/restart
         elif self.load is not None and self.load.running and self.load_progress:
             status = f"{status} · {self.load_progress}"
         self.panels.header.show(info, url, status)
@@ -259,7 +282,7 @@ class ConsoleApp(App[None]):
         self._gauges(now)
         self._header()
         if self._steps_pending:
-            self.panels.strip.show(self.model.steps)
+            self.panels.strip.show(self.model.steps, self.model.restart_steps)
             if self.model.spec.verify_steps:
                 self._spec()
             self._steps_pending = False
@@ -275,8 +298,7 @@ class ConsoleApp(App[None]):
             self._spec()
 
     def _gauges(self, now: float) -> None:
-        assert self.source is not None
-        config = self.source.describe().get("config", {})
+        config = self._describe().get("config", {})
         used, total = self.model.kv_usage()
         queued = sum(1 for r in self.model.live if r.state == "queued")
         running = len(self.model.live) - queued
@@ -293,8 +315,7 @@ class ConsoleApp(App[None]):
         )
 
     def _spec(self) -> None:
-        assert self.source is not None
-        config = self.source.describe().get("config", {})
+        config = self._describe().get("config", {})
         algorithm = str(config.get("speculative_algorithm") or "none")
         self.panels.spec.show(algorithm, self.model.spec)
 
@@ -332,6 +353,52 @@ class ConsoleApp(App[None]):
         assert self.session is not None
         self.session.engine.abort(rid)
         self.notify(f"cancelled {rid}")
+
+    def action_flags(self, field: str | None = None) -> None:
+        session = self._live_session("flags")
+        if session is None:
+            return
+        if self.restarting:
+            self.notify("a restart is running", severity="warning")
+            return
+        engine = session.engine
+
+        def chosen(changes: dict[str, str] | None) -> None:
+            if changes:
+                self.restart_engine(changes)
+
+        current = engine.describe()["config"]
+        self.push_screen(FlagsEditor(current, engine.plan_restart, field), chosen)
+
+    def restart_engine(self, changes: dict[str, Any]) -> None:
+        """Hot-restart on a worker thread; the panels keep refreshing meanwhile."""
+        assert self.session is not None
+        engine = self.session.engine
+        self.restarting = True
+        self.status = "restarting"
+        self._header()
+
+        def run() -> None:
+            try:
+                result = engine.restart(changes, progress=self._report_progress)
+            except (ConfigError, RestartError, EngineStoppedError) as exc:
+                self._call_soon(self._restart_done, None, str(exc))
+                return
+            self._call_soon(self._restart_done, result, None)
+
+        self.run_worker(run, thread=True, name="restart")
+
+    def _restart_done(self, result: RestartResult | None, error: str | None) -> None:
+        self.restarting = False
+        self.status = "serving"
+        self.query_one("#loading").add_class("-hidden")
+        self._header()
+        if result is None:
+            self.notify(f"restart failed: {error}", severity="error", timeout=10)
+        elif result.mode == "live":
+            self.notify("flags applied live (no restart needed)")
+        else:
+            self.notify(f"restarted ({result.mode}): no token for {result.gap_s:.2f} s")
 
     def action_load(self) -> None:
         session = self._live_session("load")
@@ -426,6 +493,15 @@ class ConsoleApp(App[None]):
 
     def get_system_commands(self, screen: Screen[Any]) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
+        yield SystemCommand(
+            "Edit engine flags…", "Change flags and hot-restart the engine", self.action_flags
+        )
+        for field, title in PALETTE_FLAGS:
+            yield SystemCommand(
+                f"Set {title}…",
+                f"--{field.replace('_', '-')}, then hot restart",
+                lambda field=field: self.action_flags(field),
+            )
         yield SystemCommand("Start a load…", "Fire the built-in load generator", self.action_load)
         yield SystemCommand("Stop the load", "Cancel the running load", self.action_stop_load)
         yield SystemCommand(

@@ -84,9 +84,13 @@ def register(
     from .bench_console import register_console_bench
     from .bench_one_batch import register_one_batch
     from .bench_overhead import register_overhead
+    from .bench_restart import register_restart_bench
     from .bench_serve import register_serve
+    from .bench_spec import register_spec_bench
 
     register_serve(bench_app)
     register_overhead(bench_app, engine_flags, start_engine)
     register_console_bench(bench_app, engine_flags, start_engine)
     register_one_batch(bench_app, engine_flags)
+    register_restart_bench(bench_app, engine_flags, start_engine)
+    register_spec_bench(bench_app, engine_flags, start_engine)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,9 @@ class OneBatchResult:
     graph_tok_s: float | None
     cuda_graph: bool  # the "graph" steps really replayed a graph (False above the max bucket)
     padded_bs: int
+    # speculative verify pass with k tokens per request (the last token + k - 1 drafts):
+    # k -> (median ms, replayed a graph)
+    verify: dict[int, tuple[float, bool]] = field(default_factory=dict)
 
 
 class Runtime:
@@ -136,8 +139,35 @@ def matmul_tflops(device: torch.device) -> float | None:
     return 2 * 8192 * 4096 * 14336 / statistics.median(times) / 1e12
 
 
+def time_verify(
+    runtime: Runtime, batch: ScheduledBatch, tokens: int, steps: int, gen: torch.Generator
+) -> tuple[float, bool]:
+    """Median ms of a verify pass over `batch` with `tokens` verified per request (random
+    drafts: the cost does not depend on what is accepted); the requests are left as they were."""
+    vocab = runtime.loaded.model_config.vocab_size
+    reqs = [c.req for c in batch.chunks]
+    for req in reqs:
+        if not runtime.scheduler.reserve(req, req.num_tokens + tokens - 1):
+            fail(f"no KV pages for a verify pass of {tokens} tokens at batch {len(reqs)}")
+    times, graph = [], False
+    for _ in range(steps):
+        drafts = [torch.randint(0, vocab, (tokens - 1,), generator=gen).tolist() for _ in reqs]
+        started = time.perf_counter()
+        out = runtime.runner.verify(batch, drafts)  # returns after its host sync
+        times.append(time.perf_counter() - started)
+        graph = out.cuda_graph
+    for req in reqs:
+        runtime.scheduler.trim(req)
+    return statistics.median(times) * 1e3, graph
+
+
 def run_batch(
-    runtime: Runtime, batch_size: int, input_len: int, output_len: int, seed: int
+    runtime: Runtime,
+    batch_size: int,
+    input_len: int,
+    output_len: int,
+    seed: int,
+    verify_tokens: Sequence[int] = (),
 ) -> OneBatchResult:
     gen = torch.Generator().manual_seed(seed + batch_size)
     vocab = runtime.loaded.model_config.vocab_size
@@ -171,6 +201,7 @@ def run_batch(
             graph_out = out
         batch = scheduler.schedule()
         assert batch is not None and batch.kind == "decode"
+    verify = {k: time_verify(runtime, batch, k, output_len, gen) for k in verify_tokens}
     for req in reqs:
         scheduler.finish(req)
     eager_s = statistics.median(times[False])
@@ -188,6 +219,7 @@ def run_batch(
         graph_tok_s=None if graph_s is None else batch_size / graph_s,
         cuda_graph=graph_out is not None and graph_out.cuda_graph,
         padded_bs=graph_out.padded_bs if graph_out is not None else batch_size,
+        verify=verify,
     )
 
 
@@ -213,21 +245,27 @@ def bench_one_batch(
     output_len: int,
     output_file: Path | None,
     say: Callable[[str], None] = err.print,
+    verify_tokens: Sequence[int] = (),
 ) -> list[OneBatchResult]:
     for value in batch_sizes:
         check_min("--batch-size", value)
     check_min("--input-len", input_len)
     check_min("--output-len", output_len)
-    runtime = Runtime(config, max(batch_sizes))
+    for value in verify_tokens:
+        check_min("--verify-tokens", value, 2)
+    runtime = Runtime(config, max(batch_sizes) * max(verify_tokens, default=1))
     _check(runtime, batch_sizes, input_len, output_len)
     say(f"[dim]{runtime.loaded.source.name} on {runtime.config.device}, "
         f"{runtime.config.attention_backend} attention; {runtime.graph_note}[/dim]")  # fmt: skip
     run_batch(runtime, batch_sizes[0], input_len, min(output_len, 2), seed=-1)  # warm-up
+    seed = runtime.config.seed
     results = [
-        run_batch(runtime, bs, input_len, output_len, runtime.config.seed) for bs in batch_sizes
+        run_batch(runtime, bs, input_len, output_len, seed, verify_tokens) for bs in batch_sizes
     ]
     rate = matmul_tflops(runtime.loaded.device)
     Console().print(_table(runtime, results, rate))
+    if verify_tokens:
+        Console().print(_verify_table(results))
     if output_file is not None:
         info = {"bench": "one-batch", "model": runtime.loaded.source.name, **machine_info()}
         info |= {
@@ -279,6 +317,24 @@ def _table(runtime: Runtime, results: list[OneBatchResult], rate: float | None) 
     return table
 
 
+def _verify_table(results: list[OneBatchResult]) -> Table:
+    table = Table(title="speculative verify pass vs a plain decode step (same batch)")
+    for column in ("batch", "tokens per request", "verify ms", "decode ms", "verify / decode"):
+        table.add_column(column, justify="right")
+    for r in results:
+        decode_ms = r.graph_step_ms if r.graph_step_ms is not None and r.cuda_graph else None
+        decode_ms = decode_ms or r.eager_step_ms
+        for k, (ms, graph) in r.verify.items():
+            table.add_row(
+                str(r.batch_size),
+                str(k),
+                f"{ms:.2f}" + (" (graph)" if graph else " (eager)"),
+                f"{decode_ms:.2f}",
+                f"{ms / decode_ms:.2f}x",
+            )
+    return table
+
+
 def register_one_batch(bench_app: typer.Typer, engine_flags: Any) -> None:
     @bench_app.command("one-batch", context_settings={"allow_extra_args": True})
     @engine_flags
@@ -288,6 +344,9 @@ def register_one_batch(bench_app: typer.Typer, engine_flags: Any) -> None:
         input_len: int = typer.Option(1024, help="prompt tokens per request"),
         output_len: int = typer.Option(16, help="decode steps timed per mode (graph, eager)"),
         output_file: Path | None = typer.Option(None, help="append one JSON row per batch size"),
+        verify_tokens: str = typer.Option(
+            "", help="also time speculative verify passes with these tokens per request: 4,8"
+        ),
         *,
         config: EngineConfig,
     ) -> None:
@@ -298,4 +357,8 @@ def register_one_batch(bench_app: typer.Typer, engine_flags: Any) -> None:
             if not extra.isdigit():
                 fail(f"unexpected argument {extra!r}")
             sizes.append(int(extra))
-        bench_one_batch(config, sizes, input_len, output_len, output_file)
+        try:
+            verify = [int(v) for v in verify_tokens.split(",") if v.strip()]
+        except ValueError:
+            fail(f"--verify-tokens takes numbers like 4,8, got {verify_tokens!r}")
+        bench_one_batch(config, sizes, input_len, output_len, output_file, verify_tokens=verify)

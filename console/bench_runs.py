@@ -76,6 +76,17 @@ class RunStats:
     decode_ms_median: float | None = None
     decode_ms_p99: float | None = None
     decode_batch_median: float | None = None
+    # speculative verify passes: per-request passes, drafted and accepted tokens
+    spec_passes: int = 0
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+
+    @property
+    def accept_length(self) -> float | None:
+        """SGLang's: tokens per request per verify pass, (accepted + passes) / passes."""
+        if not self.spec_passes:
+            return None
+        return (self.accepted_tokens + self.spec_passes) / self.spec_passes
 
     @property
     def label(self) -> str:
@@ -218,7 +229,8 @@ def run_ours(
         fail(f"a benchmark request failed: {failures[0]}")
     output_tokens = sum(u.completion_tokens for u in usage if u is not None)
     steps, finished = records.collect(set(rids), output_tokens)
-    decode = [s for s in steps if s.kind == "decode"]
+    decode = [s for s in steps if s.kind in ("decode", "verify")]
+    verify = [s for s in steps if s.kind == "verify"]
     ttfts = [r.ttft_s for r in finished if r.ttft_s is not None]
     durations_ms = [s.duration_s * 1000 for s in decode]
     return RunStats(
@@ -234,4 +246,7 @@ def run_ours(
         decode_ms_median=statistics.median(durations_ms) if decode else None,
         decode_ms_p99=_percentile(durations_ms, 0.99) if decode else None,
         decode_batch_median=statistics.median(s.batch_size for s in decode) if decode else None,
+        spec_passes=sum(s.batch_size for s in verify),
+        drafted_tokens=sum(s.drafted_tokens for s in verify),
+        accepted_tokens=sum(s.accepted_tokens for s in verify),
     )

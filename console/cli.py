@@ -33,13 +33,14 @@ class CliError(Exception):
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from llmconsole.core.engine import RequestError
+    from llmconsole.core.engine import RequestError, RestartError
     from llmconsole.core.models.errors import ModelNotFoundError, UnsupportedModelError
 
     return (
         CliError,
         ConfigError,
         RequestError,
+        RestartError,
         ModelNotFoundError,
         UnsupportedModelError,
         PermissionError,

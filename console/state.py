@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from llmconsole.core.telemetry import EngineEvent, LiveRequest, Record, RequestRecord, StepRecord
 
@@ -86,6 +87,12 @@ class ConsoleModel:
         self.finished_ok = 0
         self.finished_failed = 0
         self.last_step: StepRecord | None = None
+        # step_id of the first step after each hot restart -> the restart's message
+        self.restart_steps: dict[int, str] = {}
+        self._restart_pending: str | None = None
+        # flags changed by restarts or live changes since the session began (a replay's
+        # header otherwise only knows the flags it started with)
+        self.config_changes: dict[str, Any] = {}
 
     def apply(self, records: Iterable[Record]) -> Changes:
         steps = requests = False
@@ -103,9 +110,19 @@ class ConsoleModel:
                     self.finished_ok += 1
                 requests = True
             else:
-                self.events.append(rec)
+                self._add_event(rec)
                 events.append(rec)
         return Changes(steps, requests, tuple(events))
+
+    def _add_event(self, event: EngineEvent) -> None:
+        self.events.append(event)
+        if event.kind == "restart_begin":
+            self._restart_pending = event.message
+        elif event.data.get("restart_rejected"):
+            self._restart_pending = None
+        if event.kind in ("restart_end", "config_change"):
+            for name, change in event.data.get("changes", {}).items():
+                self.config_changes[name] = change[1]
 
     def set_live(self, live: tuple[LiveRequest, ...]) -> bool:
         """True when a request arrived, finished or changed state since the last call (token
@@ -116,6 +133,9 @@ class ConsoleModel:
         return changed
 
     def _add_step(self, step: StepRecord) -> None:
+        if self._restart_pending is not None:
+            self.restart_steps[step.step_id] = self._restart_pending
+            self._restart_pending = None
         self.steps.append(step)
         self.last_step = step
         self.total_steps += 1

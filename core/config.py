@@ -19,6 +19,9 @@ SPECULATIVE_ALGORITHMS = ("none", "ngram", "draft", "eagle", "eagle3")
 # SGLang spells some algorithms differently; accept its names too.
 _SPEC_ALIASES = {"standalone": "draft", "": "none"}
 
+# Draft steps per verify pass when --speculative-num-steps is unset (our defaults; SGLang picks
+# per model). ngram proposals are free, a draft model's cost one forward pass each.
+SPECULATIVE_DEFAULT_STEPS = {"ngram": 4, "draft": 3, "eagle": 3, "eagle3": 3}
 CPU_DEFAULT_MAX_TOTAL_TOKENS = 32768
 CPU_DEFAULT_CHUNKED_PREFILL = 2048
 GPU_DEFAULT_CHUNKED_PREFILL = 8192
@@ -150,6 +153,7 @@ class EngineConfig:
         chunk = self.chunked_prefill_size
         if chunk is None:
             chunk = GPU_DEFAULT_CHUNKED_PREFILL if on_gpu else CPU_DEFAULT_CHUNKED_PREFILL
+        steps, topk, draft_tokens = self._speculative_defaults()
         graph_bs = self.cuda_graph_max_bs
         if graph_bs is None:
             graph_bs = cuda_graph_max_bs_for_memory(gpu_memory_gb) if on_gpu else 0
@@ -164,13 +168,43 @@ class EngineConfig:
             or (None if on_gpu else CPU_DEFAULT_MAX_TOTAL_TOKENS),
             attention_backend=self.attention_backend
             if self.attention_backend != "auto"
-            else auto_attention_backend(device_type),
+            else auto_attention_backend(device_type, dtype),
+            speculative_num_steps=steps,
+            speculative_eagle_topk=topk,
+            speculative_num_draft_tokens=draft_tokens,
         )
 
+    def _speculative_defaults(self) -> tuple[int | None, int | None, int | None]:
+        """(num_steps, topk, num_draft_tokens) with the autos filled. A chain (topk 1) verifies
+        the step's last token plus one draft per step, so num_draft_tokens = num_steps + 1, as
+        SGLang adjusts it; whichever of the two was given decides."""
+        if self.speculative_algorithm == "none":
+            return (
+                self.speculative_num_steps,
+                self.speculative_eagle_topk,
+                self.speculative_num_draft_tokens,
+            )
+        topk = self.speculative_eagle_topk or 1
+        steps = self.speculative_num_steps
+        draft_tokens = self.speculative_num_draft_tokens
+        if steps is None:
+            default = SPECULATIVE_DEFAULT_STEPS[self.speculative_algorithm]
+            steps = draft_tokens - 1 if topk == 1 and draft_tokens else default
+        if topk == 1:
+            draft_tokens = steps + 1
+        elif draft_tokens is None:
+            draft_tokens = min(topk * steps + 1, 64)
+        return steps, topk, draft_tokens
 
-def auto_attention_backend(device_type: str) -> str:
-    """Our Triton kernels on CUDA when triton imports, else the torch reference (CPU). FlashInfer
-    joins the front of this list once its backend lands."""
-    if device_type == "cuda" and importlib.util.find_spec("triton") is not None:
+
+def auto_attention_backend(device_type: str, dtype: str = "bfloat16") -> str:
+    """FlashInfer on CUDA when it is installed (its kernels take bf16/fp16 only), else our Triton
+    kernels, else the torch reference (CPU). find_spec looks without importing: importing
+    flashinfer costs seconds and needs a GPU."""
+    if device_type != "cuda":
+        return "torch"
+    if dtype in ("bfloat16", "float16", "auto") and importlib.util.find_spec("flashinfer"):
+        return "flashinfer"
+    if importlib.util.find_spec("triton") is not None:
         return "triton"
     return "torch"

@@ -69,7 +69,8 @@ def pad_decode_inputs(
 
 @dataclass(frozen=True)
 class DecodeInputs:
-    """Views of one bucket's static inputs, each [bs] int64 on the device."""
+    """One bucket's input columns, each [bs] int64: views of the static buffer on the device
+    (or of the step's host copy, handed to `prepare_for_replay`)."""
 
     input_ids: torch.Tensor
     positions: torch.Tensor
@@ -192,6 +193,7 @@ class DecodeGraphRunner:
         self.buffers.packed[: host.numel()].copy_(host.pin_memory(), non_blocking=True)
         inputs = self.buffers.columns(padded)
         self.slots.write(inputs.rows, inputs.positions, inputs.write_slots)
-        self.attention.prepare_for_replay(padded, self.buffers)
+        host_inputs = DecodeInputs(*host.view(NUM_INPUTS, padded).unbind(0))
+        self.attention.prepare_for_replay(padded, self.buffers, host_inputs)
         self._graphs[padded].replay()
         return self.buffers.logits[:bs], padded

@@ -6,25 +6,31 @@ per-request handles and the telemetry buffer; no lock is held across a forward p
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from .attention import make_backend
-from .config import EngineConfig
+from .config import ConfigError, EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .kv_cache import KVPool, PageAllocator
 from .model_loader import LoadedModel, Progress, gpu_memory_gb, load_model, pick_device
 from .outputs import Delta, GenerationResult, RequestHandle, Usage
 from .pool_sizing import kv_pool_spec
 from .request import FinishReason, Request, RequestState
-from .runner import ModelRunner, StepOutput
+from .restart import RestartPlan, plan_restart
+from .runner import ModelRunner, StepOutput, VerifyOutput
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledBatch, Scheduler
+from .spec.ngram import propose_ngram
 from .telemetry import (
     EngineEvent,
     LiveRequest,
@@ -64,6 +70,50 @@ class _Shutdown:
     pass
 
 
+class RestartError(RuntimeError):
+    """A restart that could not be applied; the engine runs on, unchanged, on its old config."""
+
+
+@dataclass(frozen=True)
+class RestartResult:
+    """What a hot restart did. `gap_s` is the time no token was emitted: from the last token
+    before the restart to the first one after it (the rebuild alone when nothing was running)."""
+
+    mode: str  # restart.MODES: none | live | graphs | rebuild | reload
+    changes: dict[str, tuple[Any, Any]]
+    config: EngineConfig
+    rebuild_s: float
+    gap_s: float
+    resumed_requests: int  # running when the restart began, carried over
+    kv_kept: bool  # True when those requests kept their KV (no re-prefill)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "changes": {k: [old, new] for k, (old, new) in self.changes.items()},
+            "rebuild_s": round(self.rebuild_s, 4),
+            "gap_s": round(self.gap_s, 4),
+            "resumed_requests": self.resumed_requests,
+            "kv_kept": self.kv_kept,
+        }
+
+
+@dataclass(frozen=True)
+class _Restart:
+    plan: RestartPlan
+    progress: Progress | None
+    done: Future
+
+
+@dataclass
+class _PendingGap:
+    """A restart that resumed running requests: it completes at their first token."""
+
+    command: _Restart
+    result: RestartResult
+    since: float  # perf_counter of the last token before the restart
+
+
 Prompt = str | Sequence[int]
 
 
@@ -85,6 +135,7 @@ class Engine:
         config = config or EngineConfig()
         device = pick_device(config.device)
         self.config = config.resolve(device.type, gpu_memory_gb(device))
+        check_buildable(self.config)
         self.telemetry = TelemetryBuffer(self.config.telemetry_capacity)
         self.loaded: LoadedModel = load_model(self.config, progress)
         self.tokenizer = self.loaded.tokenizer
@@ -104,6 +155,10 @@ class Engine:
         self._step_ids = itertools.count()
         self._stopped = threading.Event()
         self.fault_hook: Any = None  # tests inject per-request faults through this
+        self.state = "running"  # running | restarting | stopped
+        self._restart_lock = threading.Lock()  # one restart at a time, planned on the latest config
+        self._pending_gap: _PendingGap | None = None
+        self._last_token_at = time.perf_counter()
         self.counters = {"steps": 0, "generated_tokens": 0, "finished_requests": 0}
         self._thread = threading.Thread(target=self._loop, name="llmconsole-engine", daemon=True)
         self._thread.start()
@@ -121,6 +176,11 @@ class Engine:
         self.scheduler = Scheduler(
             self.allocator, spec.page_size, cfg.max_running_requests, cfg.chunked_prefill_size
         )
+        self._build_runner()
+
+    def _build_runner(self) -> None:
+        """Attention backend, slot table and runner over the existing KV pool."""
+        cfg, loaded = self.config, self.loaded
         attention = make_backend(cfg.attention_backend, self.pool)
         model_context = loaded.model_config.max_position_embeddings
         self.context_length = min(cfg.context_length or model_context, model_context)
@@ -135,7 +195,8 @@ class Engine:
         )
 
     def _capture_cuda_graphs(self, progress: Progress | None) -> None:
-        """Decode graphs for every bucket up to --cuda-graph-max-bs, once the KV pool exists."""
+        """Decode graphs for every bucket up to --cuda-graph-max-bs (times the verified tokens
+        per request when speculating), once the KV pool exists."""
         cfg = self.config
         if self.loaded.device.type != "cuda":
             return
@@ -146,6 +207,9 @@ class Engine:
             self._event("cuda_graph", f"CUDA graphs off: {reason}; decode runs eager", {})
             return
         max_bs = min(cfg.cuda_graph_max_bs, cfg.max_running_requests)
+        if cfg.speculative_algorithm != "none":
+            # A verify pass replays decode graphs with one row per verified token.
+            max_bs *= cfg.speculative_num_draft_tokens or 1
         report = self.runner.capture_cuda_graphs(
             max_bs,
             None if progress is None else lambda f: progress("capturing CUDA graphs", f),
@@ -247,6 +311,42 @@ class Engine:
             req.params,
         )
 
+    def plan_restart(self, changes: Mapping[str, Any]) -> RestartPlan:
+        """Validate new flags against the running config without applying them (forms use
+        this to show what a restart would do). Raises ConfigError naming the flag."""
+        plan = plan_restart(
+            self.config,
+            changes,
+            self.loaded.device.type,
+            gpu_memory_gb(self.loaded.device),
+            self.runner.slots.num_rows - 1,
+        )
+        check_buildable(plan.new)
+        return plan
+
+    def restart(
+        self,
+        changes: Mapping[str, Any],
+        progress: Progress | None = None,
+        timeout: float | None = 600.0,
+    ) -> RestartResult:
+        """Apply new flags (EngineConfig field -> value; text is parsed) without losing a request.
+
+        Validation happens here, before anything stops: an unknown field, a bad value or a
+        fixed setting raises ConfigError and the engine runs on untouched. Otherwise the engine
+        thread applies it between two steps (see restart.py for what each flag costs) and this
+        returns once the requests that were running have emitted their next token. Requests
+        keep streaming; ones submitted meanwhile wait in the queue. A rebuild that fails (e.g.
+        the new KV budget cannot hold a request in flight) is rolled back and raises
+        RestartError."""
+        with self._restart_lock:
+            if self._stopped.is_set():
+                raise EngineStoppedError("the engine has shut down")
+            plan = self.plan_restart(changes)
+            done: Future = Future()
+            self._inbox.put(_Restart(plan, progress, done))
+            return done.result(timeout)
+
     def log_event(self, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
         """Add an event from outside the engine (an export, a load run) to the session record."""
         self._event(kind, message, data)
@@ -285,7 +385,7 @@ class Engine:
         config["api_key"] = "***" if config.get("api_key") else None
         return {
             "model": self.model_name,
-            "state": "running" if self.alive else "stopped",
+            "state": self.state if self.alive else "stopped",
             "device": str(self.loaded.device),
             "dtype": self.config.dtype,
             "context_length": self.context_length,
@@ -332,24 +432,225 @@ class Engine:
             if batch is None:
                 continue
             started = time.perf_counter()
+            speculate = batch.kind == "decode" and self.config.speculative_algorithm != "none"
             try:
-                out = self.runner.forward(batch)
+                if speculate:
+                    drafts = self._draft(batch)
+                    out: StepOutput | VerifyOutput = self.runner.verify(batch, drafts)
+                else:
+                    out = self.runner.forward(batch)
             except Exception as exc:  # one bad batch must not stop the engine
                 self._event("error", f"forward pass failed: {exc!r}")
                 for chunk in batch.chunks:
                     self._finish(chunk.req, FinishReason.ERROR, f"internal error: {exc!r}")
                 continue
-            generated = self._process(batch, out)
-            self._record_step(batch, out, generated, time.perf_counter() - started)
+            if isinstance(out, VerifyOutput):
+                generated = self._process_verify(batch, out)
+                self._record_step(
+                    batch, out, generated, time.perf_counter() - started, drafts, out.accepted
+                )
+            else:
+                generated = self._process(batch, out)
+                self._record_step(batch, out, generated, time.perf_counter() - started)
+            if generated:
+                self._last_token_at = time.perf_counter()
+                self._complete_gap()
             if self._live_wanted:
                 self._publish_live()
             if not self.scheduler.has_work():
+                self._complete_gap()  # the resumed requests finished (or were aborted)
                 self._check_when_idle()
         self._stopped.set()
+        self.state = "stopped"
+        self._complete_gap()
         for req in list(self.scheduler.requests()):
             self._finish(req, FinishReason.ABORT, "the engine shut down")
+        while True:  # commands that raced with the shutdown get an answer too
+            try:
+                command = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(command, _Submit):
+                command.handle.put(
+                    Delta(command.req.rid, "", (), (), True, "abort", "the engine shut down")
+                )
+            elif isinstance(command, _Restart):
+                command.done.set_exception(EngineStoppedError("the engine has shut down"))
         self._publish_live()
         self._event("shutdown", "engine stopped")
+
+    # ---- hot restart (engine thread) ---------------------------------------------------------
+
+    def _apply_restart(self, command: _Restart) -> None:
+        self._complete_gap()  # a previous restart's gap ends here at the latest
+        plan = command.plan
+        if plan.mode == "none":
+            command.done.set_result(RestartResult("none", {}, self.config, 0.0, 0.0, 0, True))
+            return
+        changes = {k: [old, new] for k, (old, new) in plan.changes.items()}
+        running = len(self.scheduler.running)
+        if plan.mode == "live":
+            self.config = plan.new
+            retracted = self.scheduler.set_limits(
+                plan.new.max_running_requests, plan.new.chunked_prefill_size
+            )
+            self._event(
+                "config_change",
+                f"applied live: {plan.describe()}",
+                {"changes": changes, "retracted": len(retracted)},
+            )
+            command.done.set_result(
+                RestartResult("live", plan.changes, plan.new, 0.0, 0.0, running, True)
+            )
+            return
+        started = time.perf_counter()
+        since = self._last_token_at if running else started
+        self.state = "restarting"
+        self._event(
+            "restart_begin",
+            f"restart ({plan.mode}): {plan.describe()}",
+            {
+                "mode": plan.mode,
+                "changes": changes,
+                "running": running,
+                "queued": len(self.scheduler.waiting),
+            },
+        )
+        try:
+            if plan.mode == "graphs":
+                self._recapture(plan, command.progress)
+            elif plan.keeps_kv:
+                self._rebuild_runner(plan, command.progress)
+            else:
+                self._rebuild(plan, command.progress)
+        except Exception as exc:
+            self.state = "running"
+            message = f"restart rejected, still running the old flags: {exc}"
+            self._event("error", message, {"changes": changes, "restart_rejected": True})
+            error = exc if isinstance(exc, ConfigError) else RestartError(message)
+            command.done.set_exception(error)
+            return
+        self.state = "running"
+        rebuild_s = time.perf_counter() - started
+        result = RestartResult(
+            plan.mode, plan.changes, plan.new, rebuild_s, rebuild_s, running, plan.keeps_kv
+        )
+        if running and self.scheduler.has_work():
+            self._pending_gap = _PendingGap(command, result, since)
+        else:
+            self._finish_restart(command, result)
+
+    def _recapture(self, plan: RestartPlan, progress: Progress | None) -> None:
+        """Only the graphs change: every request keeps its KV and its slot-table row."""
+        self.runner.drop_cuda_graphs()
+        self.config = plan.new
+        try:
+            self._capture_cuda_graphs(progress)
+        except Exception:
+            self.config = plan.old
+            self.runner.drop_cuda_graphs()
+            self._capture_cuda_graphs(None)
+            raise
+
+    def _rebuild_runner(self, plan: RestartPlan, progress: Progress | None) -> None:
+        """The KV layout stays (same pool, pages and page size): only the backend, slot table
+        and graphs are built anew, and every running request keeps its KV."""
+        self.runner.release()
+        try:
+            self.config = plan.new
+            self._build_runner()
+            misfits = [m for m in map(self._misfit, self.scheduler.requests()) if m is not None]
+            if misfits:
+                raise RestartError(f"{misfits[0]} ({len(misfits)} request(s) would not fit)")
+            self.scheduler.set_limits(plan.new.max_running_requests, plan.new.chunked_prefill_size)
+            self.runner.adopt(self.scheduler.running)
+            self._capture_cuda_graphs(progress)
+        except Exception:
+            self.runner.release()
+            self.config = plan.old
+            self._build_runner()
+            self.scheduler.set_limits(plan.old.max_running_requests, plan.old.chunked_prefill_size)
+            self.runner.adopt(self.scheduler.running)
+            self._capture_cuda_graphs(None)
+            raise
+
+    def _rebuild(self, plan: RestartPlan, progress: Progress | None) -> None:
+        """New KV pool, slot table, backend and graphs (and weights, for a reload); the
+        requests in flight go back to the queue with their output and are re-prefilled. Any
+        failure puts the old runtime back before it propagates."""
+        old_loaded: LoadedModel | None = self.loaded
+        self.scheduler.requeue_running()
+        carried = list(self.scheduler.waiting)
+        self._teardown()
+        try:
+            if plan.mode == "reload":
+                loaded = load_model(plan.new, progress)
+                _check_same_tokenizer(self.loaded, loaded, carried)
+                self.loaded = loaded
+                if loaded.device.type == "cuda":  # the new pool may use the old weights' memory
+                    old_loaded = None
+                    torch.cuda.empty_cache()
+            self.config = plan.new
+            if progress is not None:
+                progress("allocating KV cache", 0.95)
+            self._build_runtime()
+            misfits = [m for m in map(self._misfit, carried) if m is not None]
+            if misfits:
+                raise RestartError(f"{misfits[0]} ({len(misfits)} request(s) would not fit)")
+            self._capture_cuda_graphs(progress)
+        except Exception:
+            self._teardown()
+            self.config = plan.old
+            self.loaded = old_loaded or load_model(plan.old, None)
+            self._build_runtime()
+            self._capture_cuda_graphs(None)
+            self.scheduler.waiting.extend(carried)
+            raise
+        self.tokenizer = self.loaded.tokenizer
+        self.model_name = self.loaded.source.name
+        for req in carried:
+            if req.params.max_tokens is None:  # "as long as fits" follows the new limit
+                req.max_new_tokens = self.max_request_tokens - req.num_prompt_tokens
+        self.scheduler.waiting.extend(carried)
+
+    def _teardown(self) -> None:
+        """Free the KV pool, slot table and graphs; the runner keeps no model reference."""
+        self.runner.release()
+        self.runner.model = None  # type: ignore[assignment]  # lets a reload free the weights
+        self.pool.release()
+
+    def _misfit(self, req: Request) -> str | None:
+        """Why `req` cannot run under the current limits, or None. A request that asked for
+        no particular max_tokens fits as long as it has room for one more token."""
+        limit = self.max_request_tokens
+        need = req.num_tokens + 1
+        if req.params.max_tokens is not None:
+            need = req.num_prompt_tokens + req.max_new_tokens
+        if need <= limit:
+            return None
+        return (
+            f"request {req.rid} needs {need} tokens of KV but the engine now serves at most "
+            f"{limit} per request (context length {self.context_length}, KV pool "
+            f"{self.scheduler.capacity_tokens} tokens)"
+        )
+
+    def _complete_gap(self) -> None:
+        pending, self._pending_gap = self._pending_gap, None
+        if pending is None:
+            return
+        gap = time.perf_counter() - pending.since
+        result = dataclasses.replace(pending.result, gap_s=gap)
+        self._finish_restart(pending.command, result)
+
+    def _finish_restart(self, command: _Restart, result: RestartResult) -> None:
+        self._event(
+            "restart_end",
+            f"restart done in {result.rebuild_s:.2f} s, no token for {result.gap_s:.2f} s; "
+            f"{result.resumed_requests} request(s) resumed"
+            + (" with their KV" if result.kv_kept else " by re-prefill"),
+            result.to_dict(),
+        )
+        command.done.set_result(result)
 
     def _publish_live(self) -> None:
         self._live_wanted = False
@@ -366,6 +667,7 @@ class Engine:
                 generated_tokens=len(req.output_ids),
                 computed_tokens=req.num_computed,
                 retractions=req.num_retractions,
+                accepted_draft_tokens=req.accepted_draft_tokens,
             )
             for req in self.scheduler.requests()
         )
@@ -390,10 +692,15 @@ class Engine:
                 self._handles[command.req.rid] = command.handle
                 self._requests[command.req.rid] = command.req
                 self.scheduler.add(command.req)
+                misfit = self._misfit(command.req)  # limits may have shrunk since submit()
+                if misfit is not None:
+                    self._finish(command.req, FinishReason.ERROR, misfit)
             elif isinstance(command, _Abort):
                 req = next((r for r in self.scheduler.requests() if r.rid == command.rid), None)
                 if req is not None:
                     self._finish(req, FinishReason.ABORT, None)
+            elif isinstance(command, _Restart):
+                self._apply_restart(command)
             try:
                 command = self._inbox.get_nowait()
             except queue.Empty:
@@ -423,6 +730,49 @@ class Engine:
                 self._append_token(req, token, logprob, now)
             except Exception as exc:  # a failure in one request finishes only that request
                 self._finish(req, FinishReason.ERROR, f"internal error: {exc!r}")
+        return generated
+
+    # ---- speculative decoding (engine thread) ------------------------------------------------
+
+    def _draft(self, batch: ScheduledBatch) -> list[list[int]]:
+        """Draft tokens per decode chunk, each within its request's remaining max_tokens and
+        with pages reserved for them. Requests with penalties get none: their target
+        distribution at a later position would depend on the drafts as output."""
+        limit = (self.config.speculative_num_draft_tokens or 1) - 1
+        drafts: list[list[int]] = []
+        for chunk in batch.chunks:
+            req, p = chunk.req, chunk.req.params
+            room = min(limit, req.max_new_tokens - len(req.output_ids) - 1)
+            penalties = p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty
+            draft: list[int] = []
+            if room > 0 and not penalties:
+                draft = propose_ngram(req.prompt_ids + req.output_ids, room)
+            if draft and not self.scheduler.reserve(req, req.num_tokens + len(draft)):
+                draft = []  # the pool is short: verify this request's last token alone
+            drafts.append(draft)
+        return drafts
+
+    def _process_verify(self, batch: ScheduledBatch, out: VerifyOutput) -> int:
+        now = time.time()
+        generated = 0
+        for chunk, tokens, accepted, logprobs in zip(
+            batch.chunks, out.tokens, out.accepted, out.logprobs, strict=True
+        ):
+            req = chunk.req
+            req.num_computed = chunk.start + 1 + accepted  # the rejected drafts' KV is dropped
+            req.accepted_draft_tokens += accepted
+            for token, logprob in zip(tokens, logprobs, strict=True):
+                generated += 1
+                try:
+                    if self.fault_hook is not None:
+                        self.fault_hook(req)
+                    self._append_token(req, token, logprob, now)
+                except Exception as exc:
+                    self._finish(req, FinishReason.ERROR, f"internal error: {exc!r}")
+                if req.finished:
+                    break
+            if not req.finished:
+                self.scheduler.trim(req)
         return generated
 
     def _append_token(self, req: Request, token: int, logprob: Any, now: float) -> None:
@@ -479,7 +829,7 @@ class Engine:
                 prompt_tokens=req.num_prompt_tokens,
                 cached_tokens=req.num_cached_tokens,
                 completion_tokens=len(req.output_ids),
-                accepted_draft_tokens=0,
+                accepted_draft_tokens=req.accepted_draft_tokens,
                 finish_reason=reason.value,
                 retractions=req.num_retractions,
                 error=error or "",
@@ -503,17 +853,27 @@ class Engine:
             )
 
     def _record_step(
-        self, batch: ScheduledBatch, out: StepOutput, generated: int, duration: float
+        self,
+        batch: ScheduledBatch,
+        out: StepOutput | VerifyOutput,
+        generated: int,
+        duration: float,
+        drafts: list[list[int]] | None = None,
+        accepted: tuple[int, ...] = (),
     ) -> None:
         self.counters["steps"] += 1
         self.counters["generated_tokens"] += generated
+        per_position: tuple[int, ...] = ()
+        if drafts is not None:
+            width = max(len(d) for d in drafts)
+            per_position = tuple(sum(a > k for a in accepted) for k in range(width))
         self.telemetry.append(
             StepRecord(
                 step_id=next(self._step_ids),
                 time=time.time(),
-                kind=batch.kind,
+                kind="verify" if drafts is not None else batch.kind,
                 batch_size=batch.batch_size,
-                num_tokens=batch.num_tokens,
+                num_tokens=batch.num_tokens + sum(map(len, drafts or ())),
                 num_generated=generated,
                 cuda_graph=out.cuda_graph,
                 padded_bs=out.padded_bs,
@@ -522,9 +882,43 @@ class Engine:
                 running=len(self.scheduler.running),
                 kv_pages_used=self.allocator.num_used,
                 kv_pages_total=self.allocator.num_usable,
+                drafted_tokens=sum(map(len, drafts or ())),
+                accepted_tokens=sum(accepted),
                 retracted=len(batch.retracted),
+                accepted_per_position=per_position,
             )
         )
 
     def _event(self, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
         self.telemetry.append(EngineEvent(time.time(), kind, message, data or {}))
+
+
+def check_buildable(config: EngineConfig) -> None:
+    """Flags this build accepts but cannot run yet fail loudly instead of being ignored."""
+    if config.speculative_algorithm not in ("none", "ngram"):
+        raise ConfigError(
+            f"--speculative-algorithm {config.speculative_algorithm} is not available in this "
+            "build yet; use ngram or none"
+        )
+    if config.speculative_algorithm != "none" and (config.speculative_eagle_topk or 1) > 1:
+        raise ConfigError(
+            "tree drafting (--speculative-eagle-topk > 1) is not available in this build yet; "
+            "use --speculative-eagle-topk 1"
+        )
+    if config.device == "cpu" and config.attention_backend != "torch":
+        raise ConfigError(
+            f"--attention-backend {config.attention_backend} needs a CUDA device (this engine "
+            "runs on cpu); use --attention-backend torch"
+        )
+
+
+def _check_same_tokenizer(old: LoadedModel, new: LoadedModel, carried: list[Request]) -> None:
+    """Requests in flight carry token ids: they can only resume on a model that reads them the
+    same way."""
+    if not carried or old.tokenizer is None or new.tokenizer is None:
+        return
+    if old.tokenizer.get_vocab() != new.tokenizer.get_vocab():
+        raise RestartError(
+            f"{new.source.name} has a different tokenizer from {old.source.name}; "
+            f"{len(carried)} request(s) in flight could not resume on it"
+        )

@@ -45,6 +45,7 @@ class Request:
     finish_time: float | None = None
     num_retractions: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from a prefix cache (none yet)
+    accepted_draft_tokens: int = 0  # speculative drafts the target accepted
     generator: torch.Generator | None = None
     detokenizer: Any = None  # IncrementalDetokenizer, attached by the engine
     prompt_logprobs: list[Any] = field(default_factory=list)  # TokenLogprob of prompt[1:]

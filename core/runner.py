@@ -18,9 +18,11 @@ from .attention.base import AttentionBackend, AttentionInputs
 from .cuda_graph import CaptureReport, DecodeGraphRunner
 from .kv_cache import KVPool, slots_for_positions
 from .models.llama import LlamaForCausalLM
-from .sampling import SamplingBatch, sample
+from .request import Request
+from .sampling import SamplingBatch, penalised, sample, sampling_probs, top_logprobs
 from .scheduler import ScheduledBatch
 from .slot_table import SlotTable
+from .spec.verify import verify_greedy, verify_sampling
 from .transfer import int64_to_device
 
 
@@ -41,6 +43,18 @@ class StepOutput:
     padded_bs: int
     # per chunk: (first prompt position scored, logprobs of prompt tokens from there) or None
     prompt_logprobs: tuple[tuple[int, tuple[TokenLogprob, ...]] | None, ...] = ()
+
+
+@dataclass(frozen=True)
+class VerifyOutput:
+    """A speculative verify pass: per chunk, the tokens to emit (its accepted drafts, then the
+    target's own next token) and how many drafts were accepted."""
+
+    tokens: tuple[tuple[int, ...], ...]
+    accepted: tuple[int, ...]
+    logprobs: tuple[tuple[TokenLogprob | None, ...], ...]  # per chunk, per emitted token
+    cuda_graph: bool = False
+    padded_bs: int = 0
 
 
 class ModelRunner:
@@ -86,9 +100,31 @@ class ModelRunner:
         self.graphs = graphs
         return report
 
-    def release(self) -> None:
-        """Drop the graphs (their memory pool) and the slot table, at shutdown."""
+    def adopt(self, requests: list[Request]) -> None:
+        """Give running requests whose KV already sits in the pool (a rebuilt runner over the
+        same pool) their slot-table rows: positions [0, num_computed) -> their slots."""
+        page_size = self.pool.page_size
+        rows: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        for req in requests:
+            row = self.slots.row(req)
+            rows.extend([row] * req.num_computed)
+            positions.extend(range(req.num_computed))
+            slots.extend(slots_for_positions(req.pages, 0, req.num_computed, page_size))
+        if rows:
+            packed = int64_to_device(rows + positions + slots, self.device)
+            self.slots.write(*packed.split(len(rows)))
+
+    def drop_cuda_graphs(self) -> None:
+        """Free the captured graphs and their memory pool (before a re-capture)."""
         self.graphs = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def release(self) -> None:
+        """Drop the graphs (their memory pool) and the slot table, at shutdown or rebuild."""
+        self.drop_cuda_graphs()
         self.slots.release()
 
     @torch.inference_mode()
@@ -98,6 +134,162 @@ class ModelRunner:
         if graphs is not None and graphs.padded_size(batch.batch_size) is not None:
             return self._decode_graph(batch, graphs)
         return self._eager(batch)
+
+    @torch.inference_mode()
+    def verify(self, batch: ScheduledBatch, drafts: list[list[int]]) -> VerifyOutput:
+        """One target pass over every decode chunk's last token plus its draft tokens (their
+        pages must already cover them), then greedy or rejection-sampling acceptance. KV is
+        written for every verified position; the caller keeps the accepted ones (num_computed)
+        and later writes overwrite the rest. One host sync."""
+        width = 1 + max(len(d) for d in drafts)  # K + 1
+        graphs = self.graphs
+        if graphs is not None and graphs.padded_size(len(drafts) * width) is not None:
+            return self._verify_graph(batch, drafts, width, graphs)
+        page_size = self.pool.page_size
+        ids: list[int] = []
+        positions: list[int] = []
+        write_slots: list[int] = []
+        token_rows: list[int] = []
+        rows: list[int] = []
+        gather: list[int] = []  # [B * (K + 1)]: the logit row of (request b, position j)
+        for chunk, draft in zip(batch.chunks, drafts, strict=True):
+            req = chunk.req
+            n = 1 + len(draft)
+            first = len(ids)
+            row = self.slots.row(req)
+            rows.append(row)
+            token_rows.extend([row] * n)
+            ids.extend(req.token_ids(chunk.start, chunk.end) + draft)
+            positions.extend(range(chunk.start, chunk.start + n))
+            write_slots.extend(
+                slots_for_positions(req.pages, chunk.start, chunk.start + n, page_size)
+            )
+            # Padded positions repeat the last real one; the verdict never reads them.
+            gather.extend(first + min(j, n - 1) for j in range(width))
+        num_tokens = len(ids)
+        packed = int64_to_device(
+            ids + positions + write_slots + token_rows + rows + gather, self.device
+        )
+        sizes = [num_tokens] * 4 + [len(rows), len(gather)]
+        ids_d, pos_d, write_d, token_rows_d, rows_d, gather_d = packed.split(sizes)
+        self.slots.write(token_rows_d, pos_d, write_d)
+        max_kv = max(c.start + 1 + len(d) for c, d in zip(batch.chunks, drafts, strict=True))
+        inputs = AttentionInputs(
+            prefix_lens=torch.tensor([c.start for c in batch.chunks], dtype=torch.int64),
+            extend_lens=torch.tensor([1 + len(d) for d in drafts], dtype=torch.int64),
+            kv_slots=self.slots.table[:, :max_kv].index_select(0, rows_d),
+            write_slots=write_d,
+            is_decode=width == 1,
+        )
+        self.attention.plan(inputs)
+        logits = self.model(ids_d, pos_d, self.attention, gather_d)  # [B * (K + 1), V]
+        return self._accept(batch, drafts, logits, width, False, len(drafts))
+
+    def _verify_graph(
+        self,
+        batch: ScheduledBatch,
+        drafts: list[list[int]],
+        width: int,
+        graphs: DecodeGraphRunner,
+    ) -> VerifyOutput:
+        """A verify pass replayed from a decode graph: token j of request b is a decode row of
+        its own, reading b's slot-table row with KV length position + 1, so it attends to its
+        request's prefix and the drafts before it (all K/V are written before any attention).
+        Each request fills `width` rows; padding repeats its last real token (same slot, same
+        K/V), so row b * width + j holds the logits of (b, j)."""
+        page_size = self.pool.page_size
+        ids: list[int] = []
+        positions: list[int] = []
+        write_slots: list[int] = []
+        rows: list[int] = []
+        for chunk, draft in zip(batch.chunks, drafts, strict=True):
+            req = chunk.req
+            n = 1 + len(draft)
+            tokens = req.token_ids(chunk.start, chunk.end) + draft
+            slots = slots_for_positions(req.pages, chunk.start, chunk.start + n, page_size)
+            row = self.slots.row(req)
+            for j in range(width):
+                k = min(j, n - 1)
+                ids.append(tokens[k])
+                positions.append(chunk.start + k)
+                write_slots.append(slots[k])
+                rows.append(row)
+        logits, padded = graphs.replay(ids, positions, write_slots, rows)  # [B * (K + 1), V]
+        return self._accept(batch, drafts, logits, width, True, padded)
+
+    def _accept(
+        self,
+        batch: ScheduledBatch,
+        drafts: list[list[int]],
+        logits: torch.Tensor,  # [B * (K + 1), V]
+        width: int,  # K + 1
+        cuda_graph: bool = False,
+        padded_bs: int | None = None,
+    ) -> VerifyOutput:
+        reqs = [c.req for c in batch.chunks]
+        bsz = len(reqs)
+        # Every position of a request is scored with that request's sampling parameters. Rows
+        # with penalties never get drafts (their later positions would need the drafts counted
+        # as output), so one set of output ids per request is exact.
+        expand = [i for i in range(bsz) for _ in range(width)]
+        sampling = SamplingBatch.build(
+            [reqs[i].params for i in expand],
+            [reqs[i].prompt_ids for i in expand],
+            [reqs[i].output_ids for i in expand],
+            [None] * len(expand),
+            self.vocab_size,
+            self.device,
+        )
+        scores = penalised(logits, sampling)  # [B * (K + 1), V]
+        lens = [len(d) for d in drafts]
+        padded = [d + [-1] * (width - 1 - len(d)) for d in drafts]
+        table = int64_to_device([x for row in padded for x in row] + lens, self.device)
+        drafts_d = table[: bsz * (width - 1)].view(bsz, width - 1)  # [B, K]
+        lens_d = table[bsz * (width - 1) :]  # [B]
+        target_ids = scores.argmax(dim=-1).view(bsz, width)  # [B, K + 1]
+        verdict = verify_greedy(target_ids, drafts_d, lens_d)
+        accepted, tokens = verdict.accepted, verdict.tokens
+        sampled = [i for i, r in enumerate(reqs) if not r.params.greedy]
+        if sampled:
+            probs = sampling_probs(scores, sampling).view(bsz, width, -1)  # [B, K + 1, V]
+            pick = torch.tensor(sampled, device=self.device)
+            drawn = verify_sampling(
+                probs[pick],
+                drafts_d[pick],
+                lens_d[pick],
+                None,
+                [reqs[i].generator for i in sampled],
+            )
+            accepted = accepted.index_copy(0, pick, drawn.accepted)
+            tokens = tokens.index_copy(0, pick, drawn.tokens)
+        want_lp = [r.params.logprobs for r in reqs if r.params.logprobs is not None]
+        lp_host = None
+        if want_lp:
+            flat = tokens.clamp_min(0).view(-1)  # [B * (K + 1)]
+            lp_host = [t.tolist() for t in top_logprobs(scores.log_softmax(-1), flat, max(want_lp))]
+        host = torch.cat([accepted.view(bsz, 1), tokens], dim=1).tolist()  # the one sync
+        out_tokens, out_lps = [], []
+        for b, (n_acc, *row) in enumerate(host):
+            emitted = tuple(row[: n_acc + 1])
+            out_tokens.append(emitted)
+            top_n = reqs[b].params.logprobs
+            if lp_host is None or top_n is None:
+                out_lps.append((None,) * len(emitted))
+                continue
+            chosen, top_lp, top_ids = lp_host
+            entries = []
+            for j, token in enumerate(emitted):
+                k = b * width + j
+                top = tuple(zip(top_ids[k][:top_n], top_lp[k][:top_n], strict=True))
+                entries.append(TokenLogprob(token, chosen[k], top))
+            out_lps.append(tuple(entries))
+        return VerifyOutput(
+            tuple(out_tokens),
+            tuple(h[0] for h in host),
+            tuple(out_lps),
+            cuda_graph,
+            padded_bs or bsz * width,
+        )
 
     def _decode_graph(self, batch: ScheduledBatch, graphs: DecodeGraphRunner) -> StepOutput:
         page_size = self.pool.page_size

@@ -194,6 +194,41 @@ def _exponential_noise(like: Tensor, generators: tuple[torch.Generator | None, .
     return q.clamp_min_(torch.finfo(q.dtype).tiny)
 
 
+def penalised(logits: Tensor, batch: SamplingBatch) -> Tensor:
+    """float32 logits with the rows' repetition / frequency / presence penalties applied."""
+    # logits: [B, V]
+    logits = logits.float()  # may alias the caller's tensor: only out-of-place ops below
+    if not batch.need_penalties:
+        return logits
+    assert batch.prompt_token_ids is not None and batch.output_token_ids is not None
+    return apply_penalties(
+        logits,
+        batch.prompt_token_ids,
+        batch.output_token_ids,
+        batch.repetition_penalties,
+        batch.frequency_penalties,
+        batch.presence_penalties,
+    )
+
+
+def sampling_probs(logits: Tensor, batch: SamplingBatch) -> Tensor:
+    """The distribution a sampled row draws from: temperature, then top-k / top-p / min-p, then
+    softmax, over already penalised logits. Greedy rows come out as a softmax at temperature 1
+    (callers take their argmax instead)."""
+    # logits: [B, V] (penalised) -> probs: [B, V] float32
+    temps = batch.temperatures.to(logits.dtype)
+    is_greedy = temps == 0  # [B]
+    scaled = logits / torch.where(is_greedy, 1.0, temps).unsqueeze(1)  # [B, V]
+    scaled = apply_top_k_top_p(
+        scaled,
+        batch.top_ks if batch.need_top_k else None,
+        batch.top_ps if batch.need_top_p else None,
+    )
+    if batch.need_min_p:
+        scaled = apply_min_p(scaled, batch.min_ps)
+    return scaled.softmax(dim=-1)
+
+
 def sample(logits: Tensor, batch: SamplingBatch) -> SampleOutput:
     """Pick one token per row.
 
@@ -205,39 +240,27 @@ def sample(logits: Tensor, batch: SamplingBatch) -> SampleOutput:
     # logits: [B, V]
     if logits.dim() != 2 or logits.shape[0] != batch.temperatures.shape[0]:
         raise ValueError(f"logits must be [B, V] with B={batch.temperatures.shape[0]}")
-    logits = logits.float()  # may alias the caller's tensor: only out-of-place ops below
-    if batch.need_penalties:
-        assert batch.prompt_token_ids is not None and batch.output_token_ids is not None
-        logits = apply_penalties(
-            logits,
-            batch.prompt_token_ids,
-            batch.output_token_ids,
-            batch.repetition_penalties,
-            batch.frequency_penalties,
-            batch.presence_penalties,
-        )
+    logits = penalised(logits, batch)
     logprobs_all = logits.log_softmax(dim=-1) if batch.logprobs_top_n is not None else None
 
     token_ids = logits.argmax(dim=-1)  # [B]
     if not batch.all_greedy:
-        temps = batch.temperatures.to(logits.dtype)
-        is_greedy = temps == 0  # [B]
-        scaled = logits / torch.where(is_greedy, 1.0, temps).unsqueeze(1)  # [B, V]
-        scaled = apply_top_k_top_p(
-            scaled,
-            batch.top_ks if batch.need_top_k else None,
-            batch.top_ps if batch.need_top_p else None,
-        )
-        if batch.need_min_p:
-            scaled = apply_min_p(scaled, batch.min_ps)
-        probs = scaled.softmax(dim=-1)  # [B, V]
+        probs = sampling_probs(logits, batch)  # [B, V]
         # Exponential race: argmax(p_i / q_i) with q_i ~ Exp(1) is an exact draw from p.
         sampled = (probs / _exponential_noise(probs, batch.generators)).argmax(dim=-1)
-        token_ids = torch.where(is_greedy, token_ids, sampled)
+        token_ids = torch.where(batch.temperatures == 0, token_ids, sampled)
 
     if logprobs_all is None:
         return SampleOutput(token_ids, None, None, None)
+    return SampleOutput(token_ids, *top_logprobs(logprobs_all, token_ids, batch.logprobs_top_n))
+
+
+def top_logprobs(
+    logprobs_all: Tensor, token_ids: Tensor, top_n: int | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(chosen token's logprob [B], top-N logprobs [B, N] descending, their ids [B, N])."""
+    # logprobs_all: [B, V]; token_ids: [B]
     chosen = logprobs_all.gather(1, token_ids.unsqueeze(1)).squeeze(1)  # [B]
-    n = min(batch.logprobs_top_n or 0, logprobs_all.shape[-1])
-    top_logprobs, top_ids = logprobs_all.topk(n, dim=-1, sorted=True)  # [B, N]
-    return SampleOutput(token_ids, chosen, top_logprobs, top_ids)
+    n = min(top_n or 0, logprobs_all.shape[-1])
+    top_lp, top_ids = logprobs_all.topk(n, dim=-1, sorted=True)  # [B, N]
+    return chosen, top_lp, top_ids

@@ -65,7 +65,7 @@ class Scheduler:
         self.allocator = allocator
         self.page_size = page_size
         self.max_running_requests = max_running_requests
-        self.prefill_budget = chunked_prefill_size if chunked_prefill_size > 0 else 1 << 62
+        self.prefill_budget = _prefill_budget(chunked_prefill_size)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
 
@@ -110,6 +110,18 @@ class Scheduler:
         req.pages.extend(self.allocator.alloc(extra))
         return True
 
+    def reserve(self, req: Request, num_tokens: int) -> bool:
+        """Pages for `req`'s first `num_tokens` positions (a verify pass writes its drafts'
+        KV past the request's tokens); False, and nothing taken, when the pool is short."""
+        return self._grow(req, num_tokens)
+
+    def trim(self, req: Request) -> None:
+        """Free the pages past what `req`'s tokens need (rejected drafts' pages)."""
+        keep = pages_needed(req.num_tokens, self.page_size)
+        if len(req.pages) > keep:
+            self.allocator.free(req.pages[keep:])
+            del req.pages[keep:]
+
     def _retract_newest(self) -> Request:
         victim = max(self.running, key=lambda r: r.arrival_time)
         self.running.remove(victim)
@@ -126,6 +138,27 @@ class Scheduler:
             position += 1
         self.waiting.insert(position, victim)
         return victim
+
+    def requeue_running(self) -> list[Request]:
+        """Move every running request back to the head of the queue, oldest first, freeing its
+        pages; each keeps its output and is re-prefilled (a hot restart rebuilds the pool)."""
+        parked = sorted(self.running, key=lambda r: r.arrival_time)
+        self.running = []
+        for req in parked:
+            self._release(req)
+            req.state = RequestState.WAITING
+        self.waiting.extendleft(reversed(parked))
+        return parked
+
+    def set_limits(self, max_running_requests: int, chunked_prefill_size: int) -> list[Request]:
+        """Take new limits between two steps; returns the requests retracted to get under a
+        lowered max-running-requests (newest first, requeued like any retraction)."""
+        self.max_running_requests = max_running_requests
+        self.prefill_budget = _prefill_budget(chunked_prefill_size)
+        retracted = []
+        while len(self.running) > max_running_requests:
+            retracted.append(self._retract_newest())
+        return retracted
 
     # ---- policy ----------------------------------------------------------------------------
 
@@ -190,3 +223,8 @@ class Scheduler:
         for req in self.waiting:
             assert not req.pages, f"queued request {req.rid} holds pages"
         assert len(self.running) <= self.max_running_requests
+
+
+def _prefill_budget(chunked_prefill_size: int) -> int:
+    """Prefill tokens per step; -1 (chunking off) means no limit."""
+    return chunked_prefill_size if chunked_prefill_size > 0 else 1 << 62

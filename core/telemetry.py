@@ -11,6 +11,7 @@ import csv
 import dataclasses
 import datetime as dt
 import itertools
+import json
 import threading
 from collections import deque
 from collections.abc import Iterable
@@ -171,7 +172,8 @@ def _iso(ts: float | None) -> str:
 
 
 def write_csv(path: Path, records: Iterable[Any], record_type: type) -> int:
-    """One header row, one row per record; times as ISO 8601 UTC so pandas parses them."""
+    """One header row, one row per record; times as ISO 8601 UTC so pandas parses them, event
+    data as JSON (`df["data"].map(json.loads)`)."""
     names = [f.name for f in dataclasses.fields(record_type)]
     count = 0
     with open(path, "w", newline="", encoding="utf-8") as fh:
@@ -183,8 +185,8 @@ def write_csv(path: Path, records: Iterable[Any], record_type: type) -> int:
                 value = getattr(rec, name)
                 if name in _TIME_FIELDS:
                     value = _iso(value)
-                elif isinstance(value, dict):
-                    value = ";".join(f"{k}={v}" for k, v in value.items())
+                elif isinstance(value, dict):  # event data, nested: one JSON object per cell
+                    value = json.dumps(value, default=str) if value else ""
                 elif isinstance(value, tuple):
                     value = ";".join(map(str, value))
                 row.append(value)

@@ -63,10 +63,12 @@ def test_auto_attention_backend_is_triton_on_cuda_torch_on_cpu(monkeypatch) -> N
 
     real = importlib.util.find_spec
     assert EngineConfig().resolve("cpu").attention_backend == "torch"
-    if real("triton") is not None:
+    if real("triton") is not None and real("flashinfer") is None:  # else: flashinfer
         assert EngineConfig().resolve("cuda", 79.2).attention_backend == "triton"
     monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real(name, *a)
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name in ("triton", "flashinfer") else real(name, *a),
     )
     assert EngineConfig().resolve("cuda", 79.2).attention_backend == "torch"  # no triton
     explicit = EngineConfig(attention_backend="torch").resolve("cuda", 79.2)

@@ -128,7 +128,7 @@ def find_sharegpt_file() -> Path | None:
     return None
 
 
-def _read_sharegpt(path_arg: str | None) -> list[tuple[str, str]]:
+def read_sharegpt(path_arg: str | None) -> list[tuple[str, str]]:
     if path_arg is None:
         path = find_sharegpt_file()
         if path is None:
@@ -163,7 +163,7 @@ def load_prompts(config: ServeBenchConfig) -> list[PromptSpec]:
             config.seed,
         )
     else:
-        pairs = _read_sharegpt(config.dataset_path)
+        pairs = read_sharegpt(config.dataset_path)
         specs = sharegpt_prompts(pairs, count, config.sharegpt_output_len, config.seed)
         if not specs:
             fail("every ShareGPT conversation is too long for a benchmark request")

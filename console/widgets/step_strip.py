@@ -1,13 +1,14 @@
 """Step strip: one cell per engine step, newest on the right.
 
 The colour says how the step ran (CUDA graph, eager decode, prefill, speculative verify), the
-height of the bar says its batch size relative to the largest in view. Hovering a cell, or moving
+height of the bar says its batch size relative to the largest in view; the first step after a
+hot restart is marked. Hovering a cell, or moving
 the selection with ←/→ when the strip has focus, shows that step's details on the second line.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from rich.style import Style
 from rich.text import Text
@@ -58,6 +59,7 @@ class StepStrip(Widget, can_focus=True):
     StepStrip > .stepstrip--eager { color: $warning; }
     StepStrip > .stepstrip--prefill { color: $accent; }
     StepStrip > .stepstrip--verify { color: $secondary; }
+    StepStrip > .stepstrip--restart { color: $error; text-style: reverse; }
     StepStrip > .stepstrip--selected { background: $foreground 30%; }
     StepStrip > .stepstrip--legend { color: $text-muted; }
     """
@@ -66,6 +68,7 @@ class StepStrip(Widget, can_focus=True):
         "stepstrip--eager",
         "stepstrip--prefill",
         "stepstrip--verify",
+        "stepstrip--restart",
         "stepstrip--selected",
         "stepstrip--legend",
     }
@@ -80,9 +83,12 @@ class StepStrip(Widget, can_focus=True):
         self._steps: list[StepRecord] = []
         self._selected: int | None = None  # step_id pinned by the keyboard
         self._hover: int | None = None  # step_id under the mouse
+        self._restarts: Mapping[int, str] = {}
 
-    def show(self, steps: Sequence[StepRecord]) -> None:
+    def show(self, steps: Sequence[StepRecord], restarts: Mapping[int, str] | None = None) -> None:
+        """`restarts`: step_id of the first step after each hot restart -> what changed."""
         self._steps = list(steps)
+        self._restarts = restarts or {}
         self.refresh()
 
     def visible_steps(self) -> list[StepRecord]:
@@ -103,7 +109,7 @@ class StepStrip(Widget, can_focus=True):
         # Component styles are resolved through CSS: once per render, not once per cell.
         styles = {
             name: self.get_component_rich_style(f"stepstrip--{name}")
-            for name in ("graph", "eager", "prefill", "verify", "selected", "legend")
+            for name in ("graph", "eager", "prefill", "verify", "restart", "selected", "legend")
         }
         pinned = self._hover is not None or self._selected is not None
         marked = focused.step_id if focused is not None and pinned else None
@@ -113,7 +119,7 @@ class StepStrip(Widget, can_focus=True):
         run: list[str] = []
         run_style: Style | None = None
         for step in steps:
-            style = styles[step_class(step)]
+            style = styles["restart" if step.step_id in self._restarts else step_class(step)]
             if step.step_id == marked:
                 style += styles["selected"]
             if style != run_style and run:
@@ -124,17 +130,21 @@ class StepStrip(Widget, can_focus=True):
         if run:
             text.append("".join(run), style=run_style)
         text.append("\n")
-        text.append(describe_step(focused) if focused else "no steps yet", style=Style(bold=True))
+        line = describe_step(focused) if focused else "no steps yet"
+        if focused is not None and focused.step_id in self._restarts:
+            line += f"  first step after {self._restarts[focused.step_id]}"
+        text.append(line, style=Style(bold=True))
         text.append("\n")
         for name, label in (
             ("graph", "CUDA graph"),
             ("eager", "eager"),
             ("prefill", "prefill"),
             ("verify", "verify"),
+            ("restart", "restart"),
         ):
             text.append("█ ", style=styles[name])
-            text.append(f"{label}   ", style=styles["legend"])
-        text.append("height: batch size", style=styles["legend"])
+            text.append(f"{label}  ", style=styles["legend"])
+        text.append("↕ batch", style=styles["legend"])
         return text
 
     def _step_at(self, x: int) -> StepRecord | None:

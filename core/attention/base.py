@@ -11,7 +11,7 @@ import torch
 from ..kv_cache import KVPool
 
 if TYPE_CHECKING:
-    from ..cuda_graph import DecodeGraphBuffers
+    from ..cuda_graph import DecodeGraphBuffers, DecodeInputs
 
 
 @dataclass(frozen=True)
@@ -51,8 +51,10 @@ class AttentionBackend(ABC):
     CUDA graphs (decode only): a backend with `supports_cuda_graph` gets `init_cuda_graph` once,
     then `prepare_for_capture(bs, buffers)` before a bucket's graph is captured, after which
     `forward` must launch only work whose shapes depend on `bs` alone and read every per-step
-    value from `buffers`; `prepare_for_replay(bs, buffers)` runs before each replay, once the
-    runner has filled the buffers. The default backend is not graph-safe: its decode runs eager.
+    value from `buffers`; `prepare_for_replay(bs, buffers, host)` runs before each replay, once
+    the runner has filled the buffers (`host`: the same columns on the host, for backends that
+    plan there, such as FlashInfer, without a device sync). The default backend is not
+    graph-safe: its decode runs eager.
     """
 
     supports_cuda_graph: bool = False
@@ -85,5 +87,7 @@ class AttentionBackend(ABC):
     def prepare_for_capture(self, bs: int, buffers: DecodeGraphBuffers) -> None:
         raise NotImplementedError(f"{type(self).__name__} is not CUDA-graph safe")
 
-    def prepare_for_replay(self, bs: int, buffers: DecodeGraphBuffers) -> None:
+    def prepare_for_replay(
+        self, bs: int, buffers: DecodeGraphBuffers, host: DecodeInputs | None = None
+    ) -> None:
         raise NotImplementedError(f"{type(self).__name__} is not CUDA-graph safe")

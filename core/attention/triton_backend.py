@@ -24,7 +24,7 @@ from ..transfer import to_device
 from .base import AttentionBackend, AttentionInputs
 
 if TYPE_CHECKING:
-    from ..cuda_graph import DecodeGraphBuffers
+    from ..cuda_graph import DecodeGraphBuffers, DecodeInputs
 
 
 class TritonAttention(AttentionBackend):
@@ -136,7 +136,9 @@ class TritonAttention(AttentionBackend):
             self._graph_workspace, bs, heads, self._num_splits, head_dim
         )
 
-    def prepare_for_replay(self, bs: int, buffers: DecodeGraphBuffers) -> None:
+    def prepare_for_replay(
+        self, bs: int, buffers: DecodeGraphBuffers, host: DecodeInputs | None = None
+    ) -> None:
         """Nothing to do: the captured kernels read lengths, rows and slots from `buffers`."""
 
 

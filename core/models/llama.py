@@ -341,18 +341,20 @@ class LlamaForCausalLM(nn.Module):
             )
 
     def init_random(self, seed: int = 0, std: float = 0.02) -> None:
-        """Random weights of the real shape (SGLang's --load-format dummy), for benchmarks."""
-        gen = torch.Generator(device="cpu").manual_seed(seed)
+        """Random weights of the real shape (SGLang's --load-format dummy), for benchmarks. The
+        same seed gives the same weights on the same device, run after run (drawn where the
+        weights live, from a generator of that device)."""
+        gens: dict[torch.device, torch.Generator] = {}
         with torch.no_grad():
             for name, param in self.named_parameters():
                 if name.endswith("norm.weight") or "layernorm" in name:
                     param.fill_(1.0)
                 elif name.endswith("bias"):
                     param.zero_()
-                elif param.device.type == "cpu":
-                    param.normal_(0.0, std, generator=gen)
                 else:
-                    param.normal_(0.0, std)
+                    if param.device not in gens:
+                        gens[param.device] = torch.Generator(param.device).manual_seed(seed)
+                    param.normal_(0.0, std, generator=gens[param.device])
 
 
 def _expected_loads(model: nn.Module, merged: dict[str, tuple[str, int, int]]) -> set[str]:

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Body, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from ..engine import Engine
+from ..config import ConfigError, flag_name
+from ..engine import Engine, EngineStoppedError, RestartError
 from .chat import create_chat_completion
 from .completions import create_completion
 from .context import ServerContext
-from .errors import BodySizeLimit, check_api_key, install_error_handlers
+from .errors import APIError, BodySizeLimit, check_api_key, install_error_handlers
 from .schemas import ChatCompletionRequest, CompletionRequest, now
 
 
@@ -46,6 +48,23 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
     @app.get("/v1/engine", dependencies=v1)
     async def engine_state() -> dict[str, Any]:
         return engine.describe()
+
+    @app.post("/v1/engine/restart", dependencies=v1)
+    def restart(changes: dict[str, Any] = Body(...)) -> dict[str, Any]:  # noqa: B008
+        """Hot restart with new flags: {"cuda_graph_max_bs": 32}. A plain def: FastAPI runs it
+        on a worker thread, so streams keep flowing while it waits for the engine."""
+        try:
+            result = engine.restart(changes)
+        except ConfigError as exc:
+            param = next((k for k in changes if flag_name(k) in str(exc)), None)
+            raise APIError(400, str(exc), param=param, code="invalid_engine_flag") from None
+        except RestartError as exc:
+            raise APIError(409, str(exc), code="restart_failed") from None
+        except EngineStoppedError as exc:
+            raise APIError(503, str(exc), "server_error", code="engine_stopped") from None
+        except FutureTimeout:
+            raise APIError(504, "the restart is still running", "server_error") from None
+        return {**result.to_dict(), "config": engine.describe()["config"]}
 
     @app.post("/v1/completions", dependencies=v1)
     async def completions(body: CompletionRequest, request: Request) -> Any:

@@ -15,12 +15,20 @@ class ServerContext:
     def __init__(self, engine: Engine, api_key: str | None = None) -> None:
         self.engine = engine
         self.api_key = api_key
-        self.model_name = engine.model_name
-        # Clients may name the model by its served name or by what --model said.
-        self.aliases = {engine.model_name}
-        if engine.config.model:
-            self.aliases.add(engine.config.model)
-        self.token_text = lru_cache(maxsize=65536)(self._token_text)
+        # Keyed by the tokenizer too: a hot restart may load a model with another vocabulary.
+        self._token_text_cached = lru_cache(maxsize=65536)(self._token_text)
+
+    def token_text(self, token_id: int) -> str:
+        return self._token_text_cached(id(self.engine.tokenizer), token_id)
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.model_name  # a hot restart may load another model
+
+    @property
+    def aliases(self) -> set[str]:
+        """Clients may name the model by its served name or by what --model said."""
+        return {self.engine.model_name} | ({self.engine.config.model} - {None})
 
     def check_model(self, requested: str | None) -> str:
         if requested and requested not in self.aliases:
@@ -51,7 +59,7 @@ class ServerContext:
         tokenizer = self.engine.tokenizer
         return "" if tokenizer is None else tokenizer.decode(list(ids))
 
-    def _token_text(self, token_id: int) -> str:
+    def _token_text(self, _tokenizer_id: int, token_id: int) -> str:
         tokenizer = self.engine.tokenizer
         return str(token_id) if tokenizer is None else tokenizer.decode([token_id])
 

