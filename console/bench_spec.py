@@ -120,7 +120,9 @@ def register_spec_bench(bench_app: typer.Typer, engine_flags: Any, start_engine:
     @bench_app.command("spec")
     @engine_flags
     def spec_bench(
-        algorithm: str = typer.Option("ngram", help="proposer to sweep (ngram)"),
+        algorithm: str = typer.Option(
+            "ngram", help="proposer to sweep: ngram, or draft (with --speculative-draft-model-path)"
+        ),
         batch_size: list[int] = BATCH_SIZES,
         num_steps: list[int] = NUM_STEPS,
         dataset: str = typer.Option("builtin", help="|".join(DATASETS)),
@@ -142,21 +144,24 @@ def register_spec_bench(bench_app: typer.Typer, engine_flags: Any, start_engine:
             check_min("--batch-size", bs)
         if any(n < 0 for n in num_steps):
             fail("--num-steps must be >= 0")
-        if algorithm.lower() != "ngram":
-            fail(f"--algorithm {algorithm}: this build sweeps ngram only")
+        algorithm = {"standalone": "draft"}.get(algorithm.lower(), algorithm.lower())
+        if algorithm not in ("ngram", "draft"):
+            fail(f"--algorithm {algorithm}: this build sweeps ngram and draft")
+        if algorithm == "draft" and not config.speculative_draft_model_path:
+            fail("--algorithm draft needs --speculative-draft-model-path")
         texts = load_texts(dataset, dataset_path, num_prompts)
         engine: Engine = start_engine(config)
         try:
             prompts = encode(engine, texts, chat)
-            results = sweep(engine, prompts, "ngram", batch_size, num_steps, max_tokens)
+            results = sweep(engine, prompts, algorithm, batch_size, num_steps, max_tokens)
         finally:
             engine.shutdown()
-        print_table(results, "ngram")
+        print_table(results, algorithm)
         if output_file is not None:
             info = {"model": engine.model_name, "dataset": dataset, **machine_info()}
             rows = [
                 {
-                    "algorithm": "ngram" if steps else "none",
+                    "algorithm": algorithm if steps else "none",
                     "num_steps": steps,
                     "topk": 1,
                     "num_draft_tokens": steps + 1 if steps else 0,

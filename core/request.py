@@ -46,6 +46,7 @@ class Request:
     num_retractions: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from a prefix cache (none yet)
     accepted_draft_tokens: int = 0  # speculative drafts the target accepted
+    draft_computed: int = 0  # positions whose draft-model KV is valid (speculative "draft")
     generator: torch.Generator | None = None
     detokenizer: Any = None  # IncrementalDetokenizer, attached by the engine
     prompt_logprobs: list[Any] = field(default_factory=list)  # TokenLogprob of prompt[1:]

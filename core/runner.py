@@ -136,54 +136,75 @@ class ModelRunner:
         return self._eager(batch)
 
     @torch.inference_mode()
-    def verify(self, batch: ScheduledBatch, drafts: list[list[int]]) -> VerifyOutput:
+    def verify(
+        self,
+        batch: ScheduledBatch,
+        drafts: list[list[int]],
+        draft_probs: dict[int, torch.Tensor] | None = None,
+    ) -> VerifyOutput:
         """One target pass over every decode chunk's last token plus its draft tokens (their
         pages must already cover them), then greedy or rejection-sampling acceptance. KV is
         written for every verified position; the caller keeps the accepted ones (num_computed)
-        and later writes overwrite the rest. One host sync."""
+        and later writes overwrite the rest. `draft_probs` ({chunk: [k, V]}) is the proposer's
+        distribution for sampled requests (none: a deterministic proposer). One host sync."""
         width = 1 + max(len(d) for d in drafts)  # K + 1
         graphs = self.graphs
         if graphs is not None and graphs.padded_size(len(drafts) * width) is not None:
-            return self._verify_graph(batch, drafts, width, graphs)
+            return self._verify_graph(batch, drafts, width, graphs, draft_probs)
+        items = [
+            (c.req, c.req.token_ids(c.start, c.end) + d, c.start)
+            for c, d in zip(batch.chunks, drafts, strict=True)
+        ]
+        # Padded positions repeat the last real one; the verdict never reads them.
+        gather = [min(j, len(tokens) - 1) for _, tokens, _ in items for j in range(width)]
+        logits = self.run_tokens(items, gather)  # [B * (K + 1), V]
+        return self._accept(batch, drafts, logits, width, False, len(drafts), draft_probs)
+
+    @torch.inference_mode()
+    def run_tokens(
+        self, items: list[tuple[Request, list[int], int]], gather: list[int]
+    ) -> torch.Tensor:  # [len(gather), V] fp32
+        """Eager forward of arbitrary tokens: item (req, tokens, start) puts `tokens` at
+        positions start.. of `req` (its pages must cover them) after its KV [0, start). `gather`
+        picks logit rows by index into each item's tokens, item after item: entry i belongs to
+        the item whose share of `gather` it falls in (len(gather) / len(items) per item). Used
+        by eager verify passes and by draft models, whose tokens are not the request's yet."""
         page_size = self.pool.page_size
         ids: list[int] = []
         positions: list[int] = []
         write_slots: list[int] = []
         token_rows: list[int] = []
         rows: list[int] = []
-        gather: list[int] = []  # [B * (K + 1)]: the logit row of (request b, position j)
-        for chunk, draft in zip(batch.chunks, drafts, strict=True):
-            req = chunk.req
-            n = 1 + len(draft)
-            first = len(ids)
+        firsts: list[int] = []
+        for req, tokens, start in items:
+            n = len(tokens)
+            firsts.append(len(ids))
             row = self.slots.row(req)
             rows.append(row)
             token_rows.extend([row] * n)
-            ids.extend(req.token_ids(chunk.start, chunk.end) + draft)
-            positions.extend(range(chunk.start, chunk.start + n))
-            write_slots.extend(
-                slots_for_positions(req.pages, chunk.start, chunk.start + n, page_size)
-            )
-            # Padded positions repeat the last real one; the verdict never reads them.
-            gather.extend(first + min(j, n - 1) for j in range(width))
+            ids.extend(tokens)
+            positions.extend(range(start, start + n))
+            write_slots.extend(slots_for_positions(req.pages, start, start + n, page_size))
+        per_item = len(gather) // len(items)
+        flat = [firsts[i // per_item] + g for i, g in enumerate(gather)]
         num_tokens = len(ids)
         packed = int64_to_device(
-            ids + positions + write_slots + token_rows + rows + gather, self.device
+            ids + positions + write_slots + token_rows + rows + flat, self.device
         )
-        sizes = [num_tokens] * 4 + [len(rows), len(gather)]
+        sizes = [num_tokens] * 4 + [len(rows), len(flat)]
         ids_d, pos_d, write_d, token_rows_d, rows_d, gather_d = packed.split(sizes)
         self.slots.write(token_rows_d, pos_d, write_d)
-        max_kv = max(c.start + 1 + len(d) for c, d in zip(batch.chunks, drafts, strict=True))
         inputs = AttentionInputs(
-            prefix_lens=torch.tensor([c.start for c in batch.chunks], dtype=torch.int64),
-            extend_lens=torch.tensor([1 + len(d) for d in drafts], dtype=torch.int64),
-            kv_slots=self.slots.table[:, :max_kv].index_select(0, rows_d),
+            prefix_lens=torch.tensor([start for _, _, start in items], dtype=torch.int64),
+            extend_lens=torch.tensor([len(t) for _, t, _ in items], dtype=torch.int64),
+            kv_slots=self.slots.table[:, : max(s + len(t) for _, t, s in items)].index_select(
+                0, rows_d
+            ),
             write_slots=write_d,
-            is_decode=width == 1,
+            is_decode=all(len(t) == 1 for _, t, _ in items),
         )
         self.attention.plan(inputs)
-        logits = self.model(ids_d, pos_d, self.attention, gather_d)  # [B * (K + 1), V]
-        return self._accept(batch, drafts, logits, width, False, len(drafts))
+        return self.model(ids_d, pos_d, self.attention, gather_d)
 
     def _verify_graph(
         self,
@@ -191,6 +212,7 @@ class ModelRunner:
         drafts: list[list[int]],
         width: int,
         graphs: DecodeGraphRunner,
+        draft_probs: dict[int, torch.Tensor] | None,
     ) -> VerifyOutput:
         """A verify pass replayed from a decode graph: token j of request b is a decode row of
         its own, reading b's slot-table row with KV length position + 1, so it attends to its
@@ -215,7 +237,7 @@ class ModelRunner:
                 write_slots.append(slots[k])
                 rows.append(row)
         logits, padded = graphs.replay(ids, positions, write_slots, rows)  # [B * (K + 1), V]
-        return self._accept(batch, drafts, logits, width, True, padded)
+        return self._accept(batch, drafts, logits, width, True, padded, draft_probs)
 
     def _accept(
         self,
@@ -225,6 +247,7 @@ class ModelRunner:
         width: int,  # K + 1
         cuda_graph: bool = False,
         padded_bs: int | None = None,
+        draft_probs: dict[int, torch.Tensor] | None = None,
     ) -> VerifyOutput:
         reqs = [c.req for c in batch.chunks]
         bsz = len(reqs)
@@ -253,11 +276,17 @@ class ModelRunner:
         if sampled:
             probs = sampling_probs(scores, sampling).view(bsz, width, -1)  # [B, K + 1, V]
             pick = torch.tensor(sampled, device=self.device)
+            q = None  # a deterministic proposer (n-gram): one-hot on its drafts
+            if draft_probs:
+                q = probs.new_zeros(len(sampled), width - 1, probs.shape[-1])  # [S, K, V]
+                for row, b in enumerate(sampled):
+                    if b in draft_probs:
+                        q[row, : draft_probs[b].shape[0]] = draft_probs[b]
             drawn = verify_sampling(
                 probs[pick],
                 drafts_d[pick],
                 lens_d[pick],
-                None,
+                q,
                 [reqs[i].generator for i in sampled],
             )
             accepted = accepted.index_copy(0, pick, drawn.accepted)

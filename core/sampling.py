@@ -229,6 +229,12 @@ def sampling_probs(logits: Tensor, batch: SamplingBatch) -> Tensor:
     return scaled.softmax(dim=-1)
 
 
+def draw(probs: Tensor, generators: tuple[torch.Generator | None, ...]) -> Tensor:
+    """One token per row from `probs` [B, V] -> [B]: the exponential race, argmax(p_i / q_i)
+    with q_i ~ Exp(1), is an exact draw from p (seeded rows use their own generator)."""
+    return (probs / _exponential_noise(probs, generators)).argmax(dim=-1)
+
+
 def sample(logits: Tensor, batch: SamplingBatch) -> SampleOutput:
     """Pick one token per row.
 
@@ -245,9 +251,7 @@ def sample(logits: Tensor, batch: SamplingBatch) -> SampleOutput:
 
     token_ids = logits.argmax(dim=-1)  # [B]
     if not batch.all_greedy:
-        probs = sampling_probs(logits, batch)  # [B, V]
-        # Exponential race: argmax(p_i / q_i) with q_i ~ Exp(1) is an exact draw from p.
-        sampled = (probs / _exponential_noise(probs, batch.generators)).argmax(dim=-1)
+        sampled = draw(sampling_probs(logits, batch), batch.generators)
         token_ids = torch.where(batch.temperatures == 0, token_ids, sampled)
 
     if logprobs_all is None:

@@ -99,6 +99,7 @@ class Scheduler:
         self.allocator.free(req.pages)
         req.pages = []
         req.num_computed = 0
+        req.draft_computed = 0
 
     def _grow(self, req: Request, num_tokens: int) -> bool:
         """Give `req` pages for its first `num_tokens` tokens, if the pool has them."""

@@ -158,7 +158,19 @@ def test_speculation_switches_on_and_off_live(engine: Engine) -> None:
         assert on.mode == "rebuild" and on.kv_kept
         assert eng.config.speculative_num_steps == 3
         assert wait_until(lambda: bool(_spec_records(eng)), 60)
+        from llmconsole.core.models.source import default_model_path
+
+        draft = eng.restart(
+            {
+                "speculative_algorithm": "draft",
+                "speculative_draft_model_path": str(default_model_path()),
+            }
+        )
+        assert draft.kv_kept and eng.draft is not None
+        verified = len(_spec_records(eng))
+        assert wait_until(lambda: len(_spec_records(eng)) > verified, 60)
         off = eng.restart({"speculative_algorithm": "none"})
+        assert eng.draft is None
         assert off.kv_kept
         assert [h.result().token_ids for h in handles] == expected
         wait_idle(eng)
@@ -167,12 +179,49 @@ def test_speculation_switches_on_and_off_live(engine: Engine) -> None:
         eng.shutdown()
 
 
+def test_the_default_model_drafting_for_itself_is_lossless_and_accepts_nearly_all(
+    engine: Engine,
+) -> None:
+    from llmconsole.core.models.source import default_model_path
+
+    expected = [r.token_ids for r in engine.generate(PROMPTS[:6], greedy(40))]
+    cfg = EngineConfig(
+        speculative_algorithm="STANDALONE",  # SGLang's name for a draft model
+        speculative_draft_model_path=str(default_model_path()),
+        speculative_num_steps=3,
+    )
+    with Engine(cfg) as eng:
+        assert eng.config.speculative_algorithm == "draft"
+        got = [r.token_ids for r in eng.generate(PROMPTS[:6], greedy(40))]
+        sampled = SamplingParams(max_tokens=24, temperature=0.7, seed=3, ignore_eos=True)
+        draws = [eng.generate(PROMPTS[:3], sampled) for _ in range(2)]
+        steps = _spec_records(eng)
+        wait_idle(eng)
+        eng.check_integrity()
+        assert eng.stats()["kv_pages_used"] == 0
+    assert got == expected
+    drafted = sum(s.drafted_tokens for s in steps)
+    accepted = sum(s.accepted_tokens for s in steps)
+    assert drafted > 0 and accepted / drafted > 0.9  # the same model: the drafts are its own
+    assert [r.token_ids for r in draws[0]] == [r.token_ids for r in draws[1]]  # seeded
+    assert all(len(r.token_ids) == 24 and r.error is None for r in draws[0])
+
+
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
         ({"speculative_algorithm": "eagle3"}, "not available in this build"),
-        ({"speculative_algorithm": "STANDALONE"}, "--speculative-algorithm draft is not available"),
+        ({"speculative_algorithm": "STANDALONE"}, "needs --speculative-draft-model-path"),
         ({"speculative_algorithm": "ngram", "speculative_eagle_topk": 4}, "tree drafting"),
+        (
+            {
+                "model": "smollm2-135m",
+                "load_format": "dummy",
+                "speculative_algorithm": "draft",
+                "speculative_draft_model_path": "tiny-llama",
+            },
+            "another vocabulary",
+        ),
     ],
 )
 def test_algorithms_not_built_yet_are_refused(changes: dict, message: str) -> None:
@@ -203,3 +252,28 @@ def test_gpu_verify_passes_replay_decode_graphs() -> None:
     assert any(s.cuda_graph and s.padded_bs > s.batch_size for s in steps)
     assert all(s.cuda_graph for s in steps)
     assert sum(s.accepted_tokens for s in steps) > 0
+
+
+def test_bench_spec_sweeps_with_a_baseline_per_batch_size(tmp_path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from llmconsole.console import cli
+
+    if not any(c.name == "spec" for c in cli.bench_app.registered_commands):
+        cli._register_bench()
+    out = tmp_path / "spec.jsonl"
+    args = ["bench", "spec", "--dataset", "humaneval", "--no-chat", "--num-prompts", "2"]
+    args += ["--batch-size", "1", "--batch-size", "2", "--num-steps", "3"]
+    args += ["--max-tokens", "12", "--output-file", str(out)]
+    result = CliRunner().invoke(cli.app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "accept length" in result.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["concurrency"], r["num_steps"]) for r in rows] == [(1, 0), (1, 3), (2, 0), (2, 3)]
+    assert all(r["output_tokens"] == 2 * 12 for r in rows)
+    assert rows[0]["accept_length"] is None and rows[1]["accept_length"] >= 1.0
+    assert rows[1]["num_draft_tokens"] == 4 and rows[1]["algorithm"] == "ngram"
+    bad = CliRunner().invoke(cli.app, ["bench", "spec", "--algorithm", "eagle3"])
+    assert bad.exit_code != 0

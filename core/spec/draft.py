@@ -1,0 +1,119 @@
+"""Draft-model proposer (SGLang's STANDALONE): a smaller model with the target's tokenizer drafts
+k tokens per request by running k forward passes of its own.
+
+Its KV lives in a pool of its own shape that is indexed by the target's slots: a request's
+target pages hold its draft KV too, so the draft needs no allocator, and the pages the engine
+reserves for a verify pass cover the draft's writes. `Request.draft_computed` counts the
+positions whose draft KV is valid; each proposal first catches up on the tokens the draft has
+not seen (the prompt at first, then the target's last emitted token), then drafts.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..attention import make_backend
+from ..kv_cache import KVPool, KVPoolSpec
+from ..model_loader import LoadedModel
+from ..request import Request
+from ..runner import ModelRunner
+from ..sampling import SamplingBatch, draw, sampling_probs
+
+
+class DraftModel:
+    """Contract: `propose` leaves `draft_computed` of each drafting request at the position of
+    its last draft token (whose KV is not computed); the engine lowers it to what the target
+    accepted, and to 0 whenever the request's pages were given back."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        target_pool: KVPool,
+        attention_backend: str,
+        max_running_requests: int,
+        max_request_tokens: int,
+    ) -> None:
+        mc = loaded.model_config
+        spec = KVPoolSpec(
+            mc.num_layers,
+            mc.num_kv_heads,
+            mc.head_dim,
+            target_pool.page_size,
+            target_pool.spec.num_pages,
+            loaded.dtype,
+        )
+        self.loaded = loaded
+        self.pool = KVPool(spec, loaded.device)
+        self.runner = ModelRunner(
+            loaded.model,
+            self.pool,
+            make_backend(attention_backend, self.pool),
+            loaded.device,
+            max_running_requests,
+            max_request_tokens,
+        )
+
+    def release(self) -> None:
+        self.runner.release()
+        self.pool.release()
+
+    @torch.inference_mode()
+    def propose(
+        self, reqs: list[Request], counts: list[int]
+    ) -> tuple[list[list[int]], dict[int, torch.Tensor]]:
+        """`counts[b]` draft tokens for request b (their pages reserved). Returns the drafts and,
+        for sampled requests, the draft distribution q of each drafted token ({b: [k_b, V]})."""
+        drafts: list[list[int]] = [[] for _ in reqs]
+        q_rows: dict[int, list[torch.Tensor]] = {}
+        rows = [b for b, k in enumerate(counts) if k > 0]
+        if not rows:
+            return drafts, {}
+        items = [
+            (reqs[b], reqs[b].token_ids(reqs[b].draft_computed, reqs[b].num_tokens),
+             reqs[b].draft_computed)
+            for b in rows
+        ]  # fmt: skip
+        logits = self.runner.run_tokens(items, [len(t) - 1 for _, t, _ in items])  # [A, V]
+        step = 0
+        while True:
+            tokens = self._pick(logits, [reqs[b] for b in rows], rows, q_rows)
+            for b, token in zip(rows, tokens, strict=True):
+                drafts[b].append(token)
+            step += 1
+            more = [(i, b) for i, b in enumerate(rows) if counts[b] > step]
+            if not more:
+                break
+            items = [(reqs[b], [tokens[i]], reqs[b].num_tokens + step - 1) for i, b in more]
+            logits = self.runner.run_tokens(items, [0] * len(items))
+            rows = [b for _, b in more]
+        for b, k in enumerate(counts):
+            if k > 0:
+                reqs[b].draft_computed = reqs[b].num_tokens + k - 1
+        return drafts, {b: torch.stack(q) for b, q in q_rows.items()}
+
+    def _pick(
+        self,
+        logits: torch.Tensor,  # [A, V]
+        reqs: list[Request],
+        rows: list[int],
+        q_rows: dict[int, list[torch.Tensor]],
+    ) -> list[int]:
+        """Greedy requests draft the argmax; sampled ones draw from the draft's distribution
+        under their own sampling parameters and keep it for rejection sampling."""
+        chosen = logits.argmax(dim=-1)  # [A]
+        sampled = [i for i, r in enumerate(reqs) if not r.params.greedy]
+        if sampled:
+            batch = SamplingBatch.build(
+                [reqs[i].params for i in sampled],
+                [[] for _ in sampled],
+                [[] for _ in sampled],
+                [reqs[i].generator for i in sampled],
+                logits.shape[-1],
+                logits.device,
+            )
+            probs = sampling_probs(logits[sampled].float(), batch)  # [S, V]
+            index = torch.tensor(sampled, device=logits.device)
+            chosen = chosen.index_copy(0, index, draw(probs, batch.generators))
+            for j, i in enumerate(sampled):
+                q_rows.setdefault(rows[i], []).append(probs[j])
+        return chosen.tolist()
