@@ -30,8 +30,7 @@ from .restart import RestartPlan, plan_restart
 from .runner import ModelRunner, StepOutput, VerifyOutput
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledBatch, Scheduler
-from .spec.draft import DraftModel
-from .spec.ngram import propose_ngram
+from .spec.speculator import DraftCache, Speculator, build_speculator, check_speculative
 from .telemetry import (
     EngineEvent,
     LiveRequest,
@@ -137,6 +136,8 @@ class Engine:
         device = pick_device(config.device)
         self.config = config.resolve(device.type, gpu_memory_gb(device))
         check_buildable(self.config)
+        self.spec: Speculator | None = None
+        self._draft_cache: DraftCache | None = None
         self.telemetry = TelemetryBuffer(self.config.telemetry_capacity)
         self.loaded: LoadedModel = load_model(self.config, progress)
         self.tokenizer = self.loaded.tokenizer
@@ -194,38 +195,17 @@ class Engine:
             cfg.max_running_requests,
             self.max_request_tokens,
         )
-        self._build_draft()
+        self._build_speculator()
 
-    def _build_draft(self) -> None:
-        """The draft model for --speculative-algorithm draft, over a pool of the target's pages;
-        its weights are loaded once and kept while the path, dtype and device stay."""
-        cfg = self.config
-        if getattr(self, "draft", None) is not None:
-            self.draft.release()
-        self.draft: DraftModel | None = None
+    def _build_speculator(self) -> None:
+        """The proposer for the speculative flags, over the target's pages (a draft model's KV
+        pool is new, so no request has draft KV any more)."""
+        if self.spec is not None:
+            self.spec.release()
         for req in self.scheduler.requests():
-            req.draft_computed = 0  # a new draft pool: nothing of it is computed yet
-        if cfg.speculative_algorithm != "draft":
-            self._draft_loaded = None
-            return
-        draft_cfg = EngineConfig(
-            model=cfg.speculative_draft_model_path,
-            load_format="dummy" if cfg.load_format == "dummy" else "auto",
-            device=cfg.device,
-            dtype=cfg.dtype,
-            seed=cfg.seed,
-        ).resolve(self.loaded.device.type, gpu_memory_gb(self.loaded.device))
-        cached = getattr(self, "_draft_loaded", None)
-        if cached is None or cached[0] != draft_cfg:
-            loaded = load_model(draft_cfg)
-            _check_draft_matches(self.loaded, loaded)
-            self._draft_loaded = (draft_cfg, loaded)
-        self.draft = DraftModel(
-            self._draft_loaded[1],
-            self.pool,
-            "torch" if self.loaded.device.type != "cuda" else cfg.attention_backend,
-            cfg.max_running_requests,
-            self.max_request_tokens,
+            req.draft_computed = 0
+        self.spec, self._draft_cache = build_speculator(
+            self.config, self.loaded, self.pool, self.max_request_tokens, self._draft_cache
         )
 
     def _capture_cuda_graphs(self, progress: Progress | None) -> None:
@@ -391,8 +371,8 @@ class Engine:
             self._inbox.put(_Shutdown())
             self._thread.join(timeout)
         if not self._thread.is_alive():
-            if self.draft is not None:
-                self.draft.release()
+            if self.spec is not None:
+                self.spec.release()
             self.runner.release()  # graphs and slot table first: pool.release empties the cache
             self.pool.release()  # a stopped engine holds no KV memory (GPU memory goes back)
 
@@ -468,10 +448,11 @@ class Engine:
             if batch is None:
                 continue
             started = time.perf_counter()
-            speculate = batch.kind == "decode" and self.config.speculative_algorithm != "none"
+            speculate = batch.kind == "decode" and self.spec is not None
             try:
                 if speculate:
-                    drafts, draft_probs = self._draft(batch)
+                    assert self.spec is not None
+                    drafts, draft_probs = self.spec.propose(batch, self.scheduler)
                     out: StepOutput | VerifyOutput = self.runner.verify(batch, drafts, draft_probs)
                 else:
                     out = self.runner.forward(batch)
@@ -651,9 +632,9 @@ class Engine:
 
     def _teardown(self) -> None:
         """Free the KV pool, slot table and graphs; the runner keeps no model reference."""
-        if self.draft is not None:
-            self.draft.release()
-            self.draft = None
+        if self.spec is not None:
+            self.spec.release()
+            self.spec = None
         self.runner.release()
         self.runner.model = None  # type: ignore[assignment]  # lets a reload free the weights
         self.pool.release()
@@ -772,31 +753,6 @@ class Engine:
         return generated
 
     # ---- speculative decoding (engine thread) ------------------------------------------------
-
-    def _draft(
-        self, batch: ScheduledBatch
-    ) -> tuple[list[list[int]], dict[int, torch.Tensor] | None]:
-        """Draft tokens per decode chunk, each within its request's remaining max_tokens and
-        with pages reserved for them, and (draft model, sampled requests) their distributions.
-        Requests with penalties get none: their target distribution at a later position would
-        depend on the drafts as output."""
-        limit = (self.config.speculative_num_draft_tokens or 1) - 1
-        counts: list[int] = []
-        for chunk in batch.chunks:
-            req, p = chunk.req, chunk.req.params
-            room = min(limit, req.max_new_tokens - len(req.output_ids) - 1)
-            penalties = p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty
-            if room <= 0 or penalties or not self.scheduler.reserve(req, req.num_tokens + room):
-                room = 0  # nothing to draft, or the pool is short: verify the last token alone
-            counts.append(room)
-        reqs = [c.req for c in batch.chunks]
-        if self.draft is not None:
-            return self.draft.propose(reqs, counts)
-        drafts = [
-            propose_ngram(req.prompt_ids + req.output_ids, k) if k else []
-            for req, k in zip(reqs, counts, strict=True)
-        ]
-        return drafts, None
 
     def _process_verify(self, batch: ScheduledBatch, out: VerifyOutput) -> int:
         now = time.time()
@@ -941,39 +897,12 @@ class Engine:
 
 
 def check_buildable(config: EngineConfig) -> None:
-    """Flags this build accepts but cannot run yet fail loudly instead of being ignored."""
-    if config.speculative_algorithm not in ("none", "ngram", "draft"):
-        raise ConfigError(
-            f"--speculative-algorithm {config.speculative_algorithm} is not available in this "
-            "build yet; use ngram, draft or none"
-        )
-    if config.speculative_algorithm == "draft" and not config.speculative_draft_model_path:
-        raise ConfigError(
-            "--speculative-algorithm draft needs --speculative-draft-model-path (a smaller "
-            "model with the same tokenizer)"
-        )
-    if config.speculative_algorithm != "none" and (config.speculative_eagle_topk or 1) > 1:
-        raise ConfigError(
-            "tree drafting (--speculative-eagle-topk > 1) is not available in this build yet; "
-            "use --speculative-eagle-topk 1"
-        )
+    """Flags this build accepts but cannot run fail loudly instead of being ignored."""
+    check_speculative(config)
     if config.device == "cpu" and config.attention_backend != "torch":
         raise ConfigError(
             f"--attention-backend {config.attention_backend} needs a CUDA device (this engine "
             "runs on cpu); use --attention-backend torch"
-        )
-
-
-def _check_draft_matches(target: LoadedModel, draft: LoadedModel) -> None:
-    """A draft model proposes token ids the target must read the same way."""
-    if draft.model_config.vocab_size != target.model_config.vocab_size or (
-        target.tokenizer is not None
-        and draft.tokenizer is not None
-        and target.tokenizer.get_vocab() != draft.tokenizer.get_vocab()
-    ):
-        raise ConfigError(
-            f"--speculative-draft-model-path {draft.source.name} has another vocabulary than "
-            f"{target.source.name}; a draft model must share the target's tokenizer"
         )
 
 

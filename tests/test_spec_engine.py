@@ -166,11 +166,11 @@ def test_speculation_switches_on_and_off_live(engine: Engine) -> None:
                 "speculative_draft_model_path": str(default_model_path()),
             }
         )
-        assert draft.kv_kept and eng.draft is not None
+        assert draft.kv_kept and eng.spec is not None and eng.spec.draft is not None
         verified = len(_spec_records(eng))
         assert wait_until(lambda: len(_spec_records(eng)) > verified, 60)
         off = eng.restart({"speculative_algorithm": "none"})
-        assert eng.draft is None
+        assert eng.spec is None
         assert off.kv_kept
         assert [h.result().token_ids for h in handles] == expected
         wait_idle(eng)
