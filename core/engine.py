@@ -30,7 +30,14 @@ from .restart import RestartPlan, plan_restart
 from .runner import ModelRunner, StepOutput, VerifyOutput
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledBatch, Scheduler
-from .spec.speculator import DraftCache, Speculator, build_speculator, check_speculative
+from .spec.speculator import (
+    DraftCache,
+    Speculator,
+    build_speculator,
+    check_speculative,
+    draft_bytes_per_page,
+    load_draft,
+)
 from .telemetry import (
     EngineEvent,
     LiveRequest,
@@ -172,7 +179,9 @@ class Engine:
 
     def _build_runtime(self) -> None:
         cfg, loaded = self.config, self.loaded
-        spec = kv_pool_spec(cfg, loaded)
+        self._draft_cache = load_draft(cfg, loaded, self._draft_cache)
+        extra = draft_bytes_per_page(self._draft_cache, cfg.page_size)
+        spec = kv_pool_spec(cfg, loaded, extra)
         self.pool = KVPool(spec, loaded.device)
         self.allocator = PageAllocator(spec.num_pages)
         self.scheduler = Scheduler(
@@ -204,8 +213,9 @@ class Engine:
             self.spec.release()
         for req in self.scheduler.requests():
             req.draft_computed = 0
-        self.spec, self._draft_cache = build_speculator(
-            self.config, self.loaded, self.pool, self.max_request_tokens, self._draft_cache
+        self._draft_cache = load_draft(self.config, self.loaded, self._draft_cache)
+        self.spec = build_speculator(
+            self.config, self.pool, self.max_request_tokens, self._draft_cache
         )
 
     def _capture_cuda_graphs(self, progress: Progress | None) -> None:

@@ -10,7 +10,11 @@ from .kv_cache import KVPoolSpec
 from .model_loader import LoadedModel
 
 
-def kv_pool_spec(config: EngineConfig, loaded: LoadedModel) -> KVPoolSpec:
+def kv_pool_spec(
+    config: EngineConfig, loaded: LoadedModel, extra_bytes_per_page: int = 0
+) -> KVPoolSpec:
+    """`extra_bytes_per_page`: memory that every page of this pool costs elsewhere (a draft
+    model's KV pool has as many pages), shared out of the GPU budget."""
     mc = loaded.model_config
     common = dict(
         num_layers=mc.num_layers,
@@ -30,4 +34,7 @@ def kv_pool_spec(config: EngineConfig, loaded: LoadedModel) -> KVPoolSpec:
             f"--mem-fraction-static {fraction} leaves no room for the KV cache: "
             f"{used / 2**30:.1f} GiB of {total / 2**30:.1f} GiB is already in use"
         )
+    if extra_bytes_per_page:
+        own = KVPoolSpec.for_budget(**common, max_tokens=config.page_size).bytes_per_page
+        budget = budget * own // (own + extra_bytes_per_page)
     return KVPoolSpec.for_budget(**common, max_bytes=budget)

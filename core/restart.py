@@ -74,8 +74,14 @@ class RestartPlan:
 
     @property
     def keeps_kv(self) -> bool:
-        """True when running requests keep their KV (no re-prefill)."""
-        return self.mode != "reload" and not (set(self.changes) & KV_LAYOUT_FIELDS)
+        """True when running requests keep their KV (no re-prefill). A new draft model needs a
+        new pool: on a GPU its KV shares the memory budget with the target's."""
+        new_draft = self.new.speculative_algorithm == "draft" and bool(
+            {"speculative_algorithm", "speculative_draft_model_path"} & set(self.changes)
+        )
+        return (
+            self.mode != "reload" and not new_draft and not (set(self.changes) & KV_LAYOUT_FIELDS)
+        )
 
     def describe(self) -> str:
         """'--cuda-graph-max-bs 8 -> 32, --max-running-requests 64 -> 32'"""

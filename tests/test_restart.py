@@ -68,6 +68,22 @@ def test_each_flag_costs_what_it_needs(changes: dict, mode: str) -> None:
     assert plan_restart(CPU, changes, "cpu", slot_capacity=64).mode == mode
 
 
+@pytest.mark.parametrize(
+    ("changes", "kept"),
+    [
+        ({"cuda_graph_max_bs": 32}, True),
+        ({"attention_backend": "triton", "context_length": 4096}, True),
+        ({"speculative_algorithm": "ngram"}, True),
+        ({"page_size": 4}, False),
+        ({"dtype": "bfloat16"}, False),
+        # A draft model's pool shares the KV budget: a new one means a new target pool too.
+        ({"speculative_algorithm": "draft", "speculative_draft_model_path": "m"}, False),
+    ],
+)
+def test_requests_keep_their_kv_unless_its_layout_changes(changes: dict, kept: bool) -> None:
+    assert plan_restart(CPU, changes, "cpu", slot_capacity=64).keeps_kv is kept
+
+
 def test_a_plan_lists_old_and_new_values_with_cli_names() -> None:
     plan = plan_restart(CPU, {"page_size": "4", "max_total_tokens": 4096}, "cpu")
     assert plan.changes == {"page_size": (1, 4), "max_total_tokens": (32768, 4096)}

@@ -166,7 +166,8 @@ def test_speculation_switches_on_and_off_live(engine: Engine) -> None:
                 "speculative_draft_model_path": str(default_model_path()),
             }
         )
-        assert draft.kv_kept and eng.spec is not None and eng.spec.draft is not None
+        assert not draft.kv_kept and draft.mode == "rebuild"  # a draft pool: a new pool
+        assert eng.spec is not None and eng.spec.draft is not None
         verified = len(_spec_records(eng))
         assert wait_until(lambda: len(_spec_records(eng)) > verified, 60)
         off = eng.restart({"speculative_algorithm": "none"})
@@ -277,3 +278,28 @@ def test_bench_spec_sweeps_with_a_baseline_per_batch_size(tmp_path) -> None:
     assert rows[1]["num_draft_tokens"] == 4 and rows[1]["algorithm"] == "ngram"
     bad = CliRunner().invoke(cli.app, ["bench", "spec", "--algorithm", "eagle3"])
     assert bad.exit_code != 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_draft_model_drafting_for_itself() -> None:
+    prompts = [[1, *range(100 + 7 * i, 160 + 7 * i)] for i in range(4)]
+    params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+    base = EngineConfig(model="smollm2-135m", load_format="dummy", dtype="float32")
+    with Engine(base.replace(cuda_graph_max_bs=8)) as plain:
+        expected = [r.token_ids for r in plain.generate(prompts, params)]
+    spec = base.replace(
+        cuda_graph_max_bs=8,
+        speculative_algorithm="draft",
+        speculative_draft_model_path="smollm2-135m",  # the same random weights (same seed)
+        speculative_num_steps=3,
+    )
+    with Engine(spec) as eng:
+        got = [r.token_ids for r in eng.generate(prompts, params)]
+        steps = _spec_records(eng)
+        wait_idle(eng)
+        eng.check_integrity()
+    assert sum(g == e for g, e in zip(got, expected, strict=True)) >= 3
+    drafted = sum(s.drafted_tokens for s in steps)
+    assert drafted > 0 and sum(s.accepted_tokens for s in steps) / drafted > 0.8
+    assert any(s.cuda_graph for s in steps)

@@ -75,19 +75,14 @@ class Speculator:
         return drafts, None
 
 
-def build_speculator(
-    config: EngineConfig,
-    target: LoadedModel,
-    pool: KVPool,
-    max_request_tokens: int,
-    cache: DraftCache | None,
-) -> tuple[Speculator | None, DraftCache | None]:
-    """The speculator for `config` (None when speculation is off) and the draft weights to keep
-    for the next build (reused from `cache` when the same draft model is asked for again)."""
-    if config.speculative_algorithm == "none":
-        return None, None
+def load_draft(
+    config: EngineConfig, target: LoadedModel, cache: DraftCache | None
+) -> DraftCache | None:
+    """The draft model's weights for `config` (None unless the algorithm is draft), reusing
+    `cache` when the same draft model is asked for again. Loaded before the target's KV pool is
+    sized, so GPU pool sizing sees the memory they take."""
     if config.speculative_algorithm != "draft":
-        return Speculator(config, None), None
+        return None
     draft_cfg = EngineConfig(
         model=config.speculative_draft_model_path,
         load_format="dummy" if config.load_format == "dummy" else "auto",
@@ -95,15 +90,36 @@ def build_speculator(
         dtype=config.dtype,
         seed=config.seed,
     ).resolve(target.device.type, gpu_memory_gb(target.device))
-    if cache is None or cache[0] != draft_cfg:
-        loaded = load_model(draft_cfg)
-        _check_draft_matches(target, loaded)
-        cache = (draft_cfg, loaded)
-    backend = config.attention_backend if target.device.type == "cuda" else "torch"
-    draft = DraftModel(
-        cache[1], pool, backend, config.max_running_requests or 1, max_request_tokens
-    )
-    return Speculator(config, draft), cache
+    if cache is not None and cache[0] == draft_cfg:
+        return cache
+    loaded = load_model(draft_cfg)
+    _check_draft_matches(target, loaded)
+    return draft_cfg, loaded
+
+
+def draft_bytes_per_page(cache: DraftCache | None, page_size: int) -> int:
+    """KV bytes the draft model needs per page of the target's pool (its pool has as many)."""
+    if cache is None:
+        return 0
+    mc, dtype = cache[1].model_config, cache[1].dtype
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 2 * mc.num_layers * page_size * mc.num_kv_heads * mc.head_dim * elem
+
+
+def build_speculator(
+    config: EngineConfig, pool: KVPool, max_request_tokens: int, cache: DraftCache | None
+) -> Speculator | None:
+    """The speculator for `config` (None when speculation is off); `cache` holds the draft
+    model's weights (`load_draft`) for the draft algorithm."""
+    if config.speculative_algorithm == "none":
+        return None
+    if config.speculative_algorithm != "draft":
+        return Speculator(config, None)
+    assert cache is not None, "load_draft first"
+    loaded = cache[1]
+    backend = config.attention_backend if loaded.device.type == "cuda" else "torch"
+    draft = DraftModel(loaded, pool, backend, config.max_running_requests or 1, max_request_tokens)
+    return Speculator(config, draft)
 
 
 def _check_draft_matches(target: LoadedModel, draft: LoadedModel) -> None:
