@@ -15,8 +15,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
-from .attention import make_backend
-from .config import ConfigError, EngineConfig
+from .attention import make_backend, require_cuda
+from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .hot_restart import HotRestartMixin, PendingGap, RestartCommand
 from .hot_restart import RestartError as RestartError  # re-exported: callers catch it here
@@ -414,11 +414,10 @@ class Engine(HotRestartMixin):
             if batch is None:
                 continue
             started = time.perf_counter()
-            speculate = batch.kind == "decode" and self.spec is not None
+            spec = self.spec if batch.kind == "decode" else None
             try:
-                if speculate:
-                    assert self.spec is not None
-                    drafts, draft_probs = self.spec.propose(batch, self.scheduler)
+                if spec is not None:
+                    drafts, draft_probs = spec.propose(batch, self.scheduler)
                     out: StepOutput | VerifyOutput = self.runner.verify(batch, drafts, draft_probs)
                 else:
                     out = self.runner.forward(batch)
@@ -657,7 +656,9 @@ class Engine(HotRestartMixin):
         self.counters["steps"] += 1
         self.counters["generated_tokens"] += generated
         per_position: tuple[int, ...] = ()
+        drafted = 0
         if drafts is not None:
+            drafted = sum(map(len, drafts))
             width = max(len(d) for d in drafts)
             per_position = tuple(sum(a > k for a in accepted) for k in range(width))
         self.telemetry.append(
@@ -666,7 +667,7 @@ class Engine(HotRestartMixin):
                 time=time.time(),
                 kind="verify" if drafts is not None else batch.kind,
                 batch_size=batch.batch_size,
-                num_tokens=batch.num_tokens + sum(map(len, drafts or ())),
+                num_tokens=batch.num_tokens + drafted,
                 num_generated=generated,
                 cuda_graph=out.cuda_graph,
                 padded_bs=out.padded_bs,
@@ -675,7 +676,7 @@ class Engine(HotRestartMixin):
                 running=len(self.scheduler.running),
                 kv_pages_used=self.allocator.num_used,
                 kv_pages_total=self.allocator.num_usable,
-                drafted_tokens=sum(map(len, drafts or ())),
+                drafted_tokens=drafted,
                 accepted_tokens=sum(accepted),
                 retracted=len(batch.retracted),
                 accepted_per_position=per_position,
@@ -689,8 +690,4 @@ class Engine(HotRestartMixin):
 def check_buildable(config: EngineConfig) -> None:
     """Flags this build accepts but cannot run fail loudly instead of being ignored."""
     check_speculative(config)
-    if config.device == "cpu" and config.attention_backend != "torch":
-        raise ConfigError(
-            f"--attention-backend {config.attention_backend} needs a CUDA device (this engine "
-            "runs on cpu); use --attention-backend torch"
-        )
+    require_cuda(config.attention_backend, config.device.split(":")[0])

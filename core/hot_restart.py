@@ -38,7 +38,7 @@ class RestartResult:
     """What a hot restart did. `gap_s` is the time no token was emitted: from the last token
     before the restart to the first one after it (the rebuild alone when nothing was running)."""
 
-    mode: str  # restart.MODES: none | live | graphs | rebuild | reload
+    mode: str  # none | live | graphs | rebuild | reload (see restart.py)
     changes: dict[str, tuple[Any, Any]]
     config: EngineConfig
     rebuild_s: float

@@ -14,7 +14,6 @@ A change is, from cheapest to dearest:
 
 from __future__ import annotations
 
-import dataclasses
 import types
 import typing
 from collections.abc import Mapping
@@ -22,8 +21,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import ConfigError, EngineConfig, flag_name
-
-MODES = ("none", "live", "graphs", "rebuild", "reload")
 
 LIVE_FIELDS = frozenset({"max_running_requests", "chunked_prefill_size"})
 GRAPH_FIELDS = frozenset({"cuda_graph_max_bs", "disable_cuda_graph"})
@@ -59,18 +56,12 @@ FIXED_REASONS = {
 }
 
 
-def live_flags() -> tuple[str, ...]:
-    """Every field a running engine accepts, as CLI flag names (for help texts)."""
-    fields = LIVE_FIELDS | GRAPH_FIELDS | REBUILD_FIELDS | RELOAD_FIELDS
-    return tuple(flag_name(f) for f in sorted(fields))
-
-
 @dataclass(frozen=True)
 class RestartPlan:
     old: EngineConfig  # resolved
     new: EngineConfig  # resolved
     changes: dict[str, tuple[Any, Any]]  # field -> (old, new), resolved values
-    mode: str  # one of MODES
+    mode: str  # none | live | graphs | rebuild | reload
 
     @property
     def keeps_kv(self) -> bool:
@@ -173,7 +164,3 @@ def _mode(diff: Mapping[str, tuple[Any, Any]], new: EngineConfig, slot_capacity:
     if fields & GRAPH_FIELDS:
         return "graphs"
     return "live"
-
-
-def config_fields() -> tuple[str, ...]:
-    return tuple(f.name for f in dataclasses.fields(EngineConfig) if f.compare)

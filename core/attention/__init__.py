@@ -9,7 +9,13 @@ from ..kv_cache import KVPool
 from .base import AttentionBackend, AttentionInputs
 from .torch_backend import TorchAttention
 
-__all__ = ["AttentionBackend", "AttentionInputs", "TorchAttention", "make_backend"]
+__all__ = [
+    "AttentionBackend",
+    "AttentionInputs",
+    "TorchAttention",
+    "make_backend",
+    "require_cuda",
+]
 
 
 def make_backend(name: str, pool: KVPool) -> AttentionBackend:
@@ -17,7 +23,7 @@ def make_backend(name: str, pool: KVPool) -> AttentionBackend:
     if name == "torch":
         return TorchAttention(pool)
     if name == "triton":
-        _need_cuda(name, pool)
+        require_cuda(name, pool.device.type)
         try:  # imported here: triton is optional and slow to import
             from .triton_backend import TritonAttention
         except ImportError as exc:
@@ -33,17 +39,18 @@ def make_backend(name: str, pool: KVPool) -> AttentionBackend:
     )
 
 
-def _need_cuda(name: str, pool: KVPool) -> None:
-    if pool.device.type != "cuda":
+def require_cuda(name: str, device_type: str) -> None:
+    """Every backend but torch runs on CUDA only; the engine checks this before building."""
+    if name != "torch" and device_type != "cuda":
         raise ConfigError(
             f"--attention-backend {name} needs a CUDA device (this engine runs on "
-            f"{pool.device.type}); use --attention-backend torch"
+            f"{device_type}); use --attention-backend torch"
         )
 
 
 def _flashinfer(name: str, pool: KVPool) -> AttentionBackend:
     """`flashinfer` (FA2 kernels) or `fa3` (FlashInfer's Hopper FA3 prefill kernels)."""
-    _need_cuda(name, pool)
+    require_cuda(name, pool.device.type)
     spec = pool.spec
     if spec.dtype not in (torch.bfloat16, torch.float16):
         raise ConfigError(
