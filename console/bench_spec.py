@@ -121,7 +121,10 @@ def register_spec_bench(bench_app: typer.Typer, engine_flags: Any, start_engine:
     @engine_flags
     def spec_bench(
         algorithm: str = typer.Option(
-            "ngram", help="proposer to sweep: ngram, or draft (with --speculative-draft-model-path)"
+            "ngram",
+            help="proposer to sweep: ngram; draft, eagle or eagle3 with "
+            "--speculative-draft-model-path (eagle / eagle3 make up a random head under "
+            "--load-format dummy)",
         ),
         batch_size: list[int] = BATCH_SIZES,
         num_steps: list[int] = NUM_STEPS,
@@ -145,10 +148,11 @@ def register_spec_bench(bench_app: typer.Typer, engine_flags: Any, start_engine:
         if any(n < 0 for n in num_steps):
             fail("--num-steps must be >= 0")
         algorithm = {"standalone": "draft"}.get(algorithm.lower(), algorithm.lower())
-        if algorithm not in ("ngram", "draft"):
-            fail(f"--algorithm {algorithm}: this build sweeps ngram and draft")
-        if algorithm == "draft" and not config.speculative_draft_model_path:
-            fail("--algorithm draft needs --speculative-draft-model-path")
+        if algorithm not in ("ngram", "draft", "eagle", "eagle3"):
+            fail(f"--algorithm {algorithm}: this build sweeps ngram, draft, eagle and eagle3")
+        dummy_head = algorithm in ("eagle", "eagle3") and config.load_format == "dummy"
+        if algorithm != "ngram" and not config.speculative_draft_model_path and not dummy_head:
+            fail(f"--algorithm {algorithm} needs --speculative-draft-model-path")
         texts = load_texts(dataset, dataset_path, num_prompts)
         engine: Engine = start_engine(config)
         try:

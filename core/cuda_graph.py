@@ -91,6 +91,7 @@ class DecodeGraphBuffers:
     packed: torch.Tensor  # [NUM_INPUTS * max_bs] int64
     slot_table: torch.Tensor  # [R, W] int64, the runner's slot table (read in place)
     logits: torch.Tensor  # [max_bs, V]
+    features: torch.Tensor | None = None  # [max_bs, F]: the target's features for EAGLE
 
     @property
     def max_bs(self) -> int:
@@ -129,6 +130,9 @@ class DecodeGraphRunner:
             packed=torch.zeros(NUM_INPUTS * max_bs, dtype=torch.int64, device=device),
             slot_table=slots.table,
             logits=torch.zeros(max_bs, model.config.vocab_size, dtype=dtype, device=device),
+            features=torch.zeros(max_bs, model.feature_size, dtype=dtype, device=device)
+            if model.feature_layers
+            else None,
         )
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
 
@@ -141,7 +145,14 @@ class DecodeGraphRunner:
 
     def _forward(self, bs: int) -> None:
         inputs = self.buffers.columns(bs)
-        self.model(inputs.input_ids, inputs.positions, self.attention, out=self.buffers.logits[:bs])
+        features = self.buffers.features
+        self.model(
+            inputs.input_ids,
+            inputs.positions,
+            self.attention,
+            out=self.buffers.logits[:bs],
+            features=None if features is None else features[:bs],
+        )
 
     @torch.inference_mode()
     def capture(self, progress: Callable[[float], None] | None = None) -> CaptureReport:

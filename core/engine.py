@@ -169,9 +169,10 @@ class Engine(HotRestartMixin):
             self.spec.release()
         for req in self.scheduler.requests():
             req.draft_computed = 0
+            req.draft_features = None
         self._draft_cache = load_draft(self.config, self.loaded, self._draft_cache)
         self.spec = build_speculator(
-            self.config, self.pool, self.max_request_tokens, self._draft_cache
+            self.config, self.loaded, self.pool, self.max_request_tokens, self._draft_cache
         )
 
     def _capture_cuda_graphs(self, progress: Progress | None) -> None:
@@ -426,6 +427,8 @@ class Engine(HotRestartMixin):
                 for chunk in batch.chunks:
                     self._finish(chunk.req, FinishReason.ERROR, f"internal error: {exc!r}")
                 continue
+            if out.features and self.spec is not None:
+                self.spec.record(batch, out.features)  # what an EAGLE head drafts from next
             if isinstance(out, VerifyOutput):
                 generated = self._process_verify(batch, out)
                 self._record_step(

@@ -46,7 +46,9 @@ class Request:
     num_retractions: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from a prefix cache (none yet)
     accepted_draft_tokens: int = 0  # speculative drafts the target accepted
-    draft_computed: int = 0  # positions whose draft-model KV is valid (speculative "draft")
+    draft_computed: int = 0  # positions whose drafter KV is valid (draft model, EAGLE head)
+    # EAGLE: the target's features of positions [draft_computed, draft_computed + rows)
+    draft_features: torch.Tensor | None = None
     generator: torch.Generator | None = None
     detokenizer: Any = None  # IncrementalDetokenizer, attached by the engine
     prompt_logprobs: list[Any] = field(default_factory=list)  # TokenLogprob of prompt[1:]

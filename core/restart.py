@@ -67,7 +67,7 @@ class RestartPlan:
     def keeps_kv(self) -> bool:
         """True when running requests keep their KV (no re-prefill). A new draft model needs a
         new pool: on a GPU its KV shares the memory budget with the target's."""
-        new_draft = self.new.speculative_algorithm == "draft" and bool(
+        new_draft = self.new.speculative_algorithm in ("draft", "eagle", "eagle3") and bool(
             {"speculative_algorithm", "speculative_draft_model_path"} & set(self.changes)
         )
         return (

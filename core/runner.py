@@ -9,8 +9,11 @@ verify passes.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -43,6 +46,8 @@ class StepOutput:
     padded_bs: int
     # per chunk: (first prompt position scored, logprobs of prompt tokens from there) or None
     prompt_logprobs: tuple[tuple[int, tuple[TokenLogprob, ...]] | None, ...] = ()
+    # per chunk, when the model captures features (EAGLE): [chunk tokens, F] of its positions
+    features: tuple[torch.Tensor, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,8 @@ class VerifyOutput:
     logprobs: tuple[tuple[TokenLogprob | None, ...], ...]  # per chunk, per emitted token
     cuda_graph: bool = False
     padded_bs: int = 0
+    # per chunk, when the model captures features (EAGLE): [emitted, F] of the kept positions
+    features: tuple[torch.Tensor, ...] = ()
 
 
 class ModelRunner:
@@ -157,18 +164,45 @@ class ModelRunner:
         ]
         # Padded positions repeat the last real one; the verdict never reads them.
         gather = [min(j, len(tokens) - 1) for _, tokens, _ in items for j in range(width)]
-        logits = self.run_tokens(items, gather)  # [B * (K + 1), V]
-        return self._accept(batch, drafts, logits, width, False, len(drafts), draft_probs)
+        features = self._features_buffer(sum(len(t) for _, t, _ in items))
+        logits = self.run_tokens(items, gather, features=features)  # [B * (K + 1), V]
+        out = self._accept(batch, drafts, logits, width, False, len(drafts), draft_probs)
+        firsts = itertools.accumulate((len(t) for _, t, _ in items), initial=0)
+        return self._keep_features(out, features, list(firsts))
+
+    def _features_buffer(self, num_tokens: int) -> torch.Tensor | None:
+        """[T, F] for the target's features, when an EAGLE head drafts from them."""
+        if not self.model.feature_layers:
+            return None
+        return torch.empty(
+            num_tokens, self.model.feature_size, dtype=self.model.lm_head_weight.dtype,
+            device=self.device,
+        )  # fmt: skip
+
+    @staticmethod
+    def _keep_features(
+        out: VerifyOutput, features: torch.Tensor | None, firsts: list[int]
+    ) -> VerifyOutput:
+        """Attach the features of each chunk's kept positions (its token and accepted drafts),
+        whose rows start at firsts[chunk]."""
+        if features is None:
+            return out
+        kept = tuple(
+            features[first : first + len(tokens)]
+            for first, tokens in zip(firsts, out.tokens, strict=False)
+        )
+        return dataclasses.replace(out, features=kept)
 
     @torch.inference_mode()
     def run_tokens(
-        self, items: list[tuple[Request, list[int], int]], gather: list[int]
-    ) -> torch.Tensor:  # [len(gather), V] fp32
+        self, items: list[tuple[Request, list[int], int]], gather: list[int], **model_inputs: Any
+    ) -> Any:  # the model's output: [len(gather), V] fp32 logits for a target model
         """Eager forward of arbitrary tokens: item (req, tokens, start) puts `tokens` at
         positions start.. of `req` (its pages must cover them) after its KV [0, start). `gather`
         picks logit rows by index into each item's tokens, item after item: entry i belongs to
         the item whose share of `gather` it falls in (len(gather) / len(items) per item). Used
-        by eager verify passes and by draft models, whose tokens are not the request's yet."""
+        by eager verify passes and by draft models, whose tokens are not the request's yet;
+        `model_inputs` go to the model as they are (per-token tensors in item order)."""
         page_size = self.pool.page_size
         ids: list[int] = []
         positions: list[int] = []
@@ -204,7 +238,7 @@ class ModelRunner:
             is_decode=all(len(t) == 1 for _, t, _ in items),
         )
         self.attention.plan(inputs)
-        return self.model(ids_d, pos_d, self.attention, gather_d)
+        return self.model(ids_d, pos_d, self.attention, gather_d, **model_inputs)
 
     def _verify_graph(
         self,
@@ -237,7 +271,9 @@ class ModelRunner:
                 write_slots.append(slots[k])
                 rows.append(row)
         logits, padded = graphs.replay(ids, positions, write_slots, rows)  # [B * (K + 1), V]
-        return self._accept(batch, drafts, logits, width, True, padded, draft_probs)
+        out = self._accept(batch, drafts, logits, width, True, padded, draft_probs)
+        firsts = [b * width for b in range(len(drafts))]
+        return self._keep_features(out, graphs.buffers.features, firsts)
 
     def _accept(
         self,
@@ -384,12 +420,18 @@ class ModelRunner:
             is_decode=batch.kind == "decode",
         )
         self.attention.plan(inputs)
-        logits = self.model(ids_d, pos_d, self.attention, logit_rows_d)  # [S, V]
-        prompt_lps = self._prompt_logprobs(batch, logits, prompt_rows)
+        features = self._features_buffer(num_tokens)
+        logits = self.model(ids_d, pos_d, self.attention, logit_rows_d, features=features)
+        prompt_lps = self._prompt_logprobs(batch, logits, prompt_rows)  # logits: [S, V]
         if len(sample_rows) != len(logit_rows):
             logits = logits[sample_rows_d]
         tokens, logprobs = self._sample(batch, logits)
-        return StepOutput(tokens, logprobs, False, len(batch.chunks), tuple(prompt_lps))
+        per_chunk: tuple[torch.Tensor, ...] = ()
+        if features is not None:
+            ends = itertools.accumulate(c.length for c in batch.chunks)
+            pairs = zip(batch.chunks, ends, strict=True)
+            per_chunk = tuple(features[end - c.length : end] for c, end in pairs)
+        return StepOutput(tokens, logprobs, False, len(batch.chunks), tuple(prompt_lps), per_chunk)
 
     def _sample(
         self,

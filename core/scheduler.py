@@ -100,6 +100,7 @@ class Scheduler:
         req.pages = []
         req.num_computed = 0
         req.draft_computed = 0
+        req.draft_features = None
 
     def _grow(self, req: Request, num_tokens: int) -> bool:
         """Give `req` pages for its first `num_tokens` tokens, if the pool has them."""

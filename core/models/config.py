@@ -53,7 +53,9 @@ class ModelConfig:
         return 2 * self.num_layers * self.kv_size * elem
 
     @staticmethod
-    def from_hf(hf_config: Any) -> ModelConfig:
+    def from_hf(hf_config: Any, architecture: str | None = None) -> ModelConfig:
+        """`architecture` names a module of ours that reads this config in its own way (an
+        EAGLE head), skipping the check against the supported model list."""
         archs = list(getattr(hf_config, "architectures", None) or [])
         model_type = getattr(hf_config, "model_type", "")
         by_type = {
@@ -62,8 +64,8 @@ class ModelConfig:
             "qwen2": "Qwen2ForCausalLM",
             "qwen3": "Qwen3ForCausalLM",
         }
-        arch = archs[0] if archs else by_type.get(model_type, model_type)
-        if arch not in SUPPORTED_ARCHITECTURES:
+        arch = architecture or (archs[0] if archs else by_type.get(model_type, model_type))
+        if architecture is None and arch not in SUPPORTED_ARCHITECTURES:
             from .errors import UnsupportedModelError
 
             raise UnsupportedModelError(

@@ -12,7 +12,7 @@ torch, which is what the CPU tests compare with transformers.
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -267,12 +267,26 @@ class LlamaForCausalLM(nn.Module):
         self.rotary = RotaryEmbedding(config, kernels)
         if not config.tie_word_embeddings:
             self.lm_head = Linear(config.hidden_size, config.vocab_size, dtype)
+        self.feature_layers: tuple[int, ...] = ()  # see capture_features
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
         if self.config.tie_word_embeddings:
             return self.embed_tokens.weight
         return self.lm_head.weight
+
+    def capture_features(self, layers: tuple[int, ...]) -> None:
+        """Make forward passes that are handed a `features` buffer fill it with what an EAGLE
+        head drafts from: per listed index i < num_layers the residual stream entering layer i
+        (EAGLE-3's low / mid / high states), and for i == num_layers the final normed hidden
+        state (EAGLE). () turns capture off."""
+        if any(not 0 <= i <= self.config.num_layers for i in layers):
+            raise ValueError(f"feature layers {layers} outside 0..{self.config.num_layers}")
+        self.feature_layers = tuple(layers)
+
+    @property
+    def feature_size(self) -> int:
+        return len(self.feature_layers) * self.config.hidden_size
 
     def forward(
         self,
@@ -281,64 +295,54 @@ class LlamaForCausalLM(nn.Module):
         attn: AttentionBackend,
         logit_indices: torch.Tensor | None = None,  # [S]: rows whose logits are wanted
         out: torch.Tensor | None = None,  # [S, V] in the model's dtype (a CUDA graph's buffer)
+        features: torch.Tensor | None = None,  # [T, feature_size]: filled when given
     ) -> torch.Tensor:  # [S, V] fp32, or `out` (or [T, V] when logit_indices is None)
         hidden = self.embed_tokens(input_ids)
         rope = self.rotary.step(positions, hidden.dtype)
         residual = None
-        for layer in self.layers:
+        taps = self.feature_layers if features is not None else ()
+        for i, layer in enumerate(self.layers):
+            if i in taps:
+                self._tap(features, taps.index(i), hidden, residual)  # type: ignore[arg-type]
             hidden, residual = layer(hidden, residual, rope, attn)
         hidden, _ = self.norm.add_and_norm(hidden, residual)
+        if self.config.num_layers in taps:
+            self._tap(features, taps.index(self.config.num_layers), hidden, None)  # type: ignore[arg-type]
         if logit_indices is not None:
             hidden = hidden[logit_indices]
         if out is not None:
             return torch.mm(hidden, self.lm_head_weight.t(), out=out)
         return F.linear(hidden, self.lm_head_weight).float()
 
+    def _tap(
+        self,
+        features: torch.Tensor,  # [T, F]
+        k: int,
+        hidden: torch.Tensor,  # [T, H]
+        residual: torch.Tensor | None,
+    ) -> None:
+        """Write the residual stream (hidden + residual; the layers keep them apart) into the
+        k-th hidden-size column block of `features`."""
+        h = self.config.hidden_size
+        dest = features[:, k * h : (k + 1) * h]
+        if residual is None:
+            dest.copy_(hidden)
+        else:
+            torch.add(hidden, residual, out=dest)
+
     # ---- weights ---------------------------------------------------------------------------
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy Hugging Face-named tensors in, merging q/k/v and gate/up as they stream past."""
-        c = self.config
-        params = dict(self.named_parameters())
-        merged = {
-            "q_proj": ("qkv_proj", 0, c.q_size),
-            "k_proj": ("qkv_proj", c.q_size, c.kv_size),
-            "v_proj": ("qkv_proj", c.q_size + c.kv_size, c.kv_size),
-            "gate_proj": ("gate_up_proj", 0, c.intermediate_size),
-            "up_proj": ("gate_up_proj", c.intermediate_size, c.intermediate_size),
-        }
-        loaded: set[str] = set()
-        for hf_name, tensor in weights:
-            name = hf_name.removeprefix("model.")
-            if "rotary_emb" in name:
-                continue
-            if name == "lm_head.weight" and c.tie_word_embeddings:
-                continue
-            parts = name.split(".")
-            target = name
-            rows = None
-            if len(parts) >= 2 and parts[-2] in merged:
-                fused, offset, size = merged[parts[-2]]
-                target = ".".join([*parts[:-2], fused, parts[-1]])
-                rows = (offset, size)
-            param = params.get(target)
-            if param is None:
-                raise KeyError(f"checkpoint tensor {hf_name!r} has no place in {c.architecture}")
-            with torch.no_grad():
-                dest = param if rows is None else param.narrow(0, rows[0], rows[1])
-                if dest.shape != tensor.shape:
-                    raise ValueError(
-                        f"{hf_name}: checkpoint shape {tuple(tensor.shape)}, "
-                        f"model expects {tuple(dest.shape)}"
-                    )
-                dest.copy_(tensor)
-            loaded.add(target if rows is None else f"{target}[{rows[0]}]")
-        expected = _expected_loads(self, merged)
-        missing = expected - loaded
-        if missing:
-            raise ValueError(
-                f"checkpoint is missing {len(missing)} tensors, e.g. {sorted(missing)[:3]}"
-            )
+        tied = self.config.tie_word_embeddings
+
+        def rename(name: str) -> str | None:
+            name = name.removeprefix("model.")
+            if "rotary_emb" in name or (name == "lm_head.weight" and tied):
+                return None
+            return name
+
+        load_hf_weights(self, self.config, weights, rename)
 
     def init_random(self, seed: int = 0, std: float = 0.02) -> None:
         """Random weights of the real shape (SGLang's --load-format dummy), for benchmarks. The
@@ -355,6 +359,55 @@ class LlamaForCausalLM(nn.Module):
                     if param.device not in gens:
                         gens[param.device] = torch.Generator(param.device).manual_seed(seed)
                     param.normal_(0.0, std, generator=gens[param.device])
+
+
+def load_hf_weights(
+    module: nn.Module,
+    config: ModelConfig,
+    weights: Iterable[tuple[str, torch.Tensor]],
+    rename: Callable[[str], str | None],
+) -> None:
+    """Copy Hugging Face-named tensors into `module`, merging q/k/v and gate/up as they stream
+    past. `rename` maps a checkpoint name to the module's (None skips the tensor). Every
+    parameter must be filled: a missing or misshapen tensor raises naming it."""
+    c = config
+    params = dict(module.named_parameters())
+    merged = {
+        "q_proj": ("qkv_proj", 0, c.q_size),
+        "k_proj": ("qkv_proj", c.q_size, c.kv_size),
+        "v_proj": ("qkv_proj", c.q_size + c.kv_size, c.kv_size),
+        "gate_proj": ("gate_up_proj", 0, c.intermediate_size),
+        "up_proj": ("gate_up_proj", c.intermediate_size, c.intermediate_size),
+    }
+    loaded: set[str] = set()
+    for hf_name, tensor in weights:
+        name = rename(hf_name)
+        if name is None:
+            continue
+        parts = name.split(".")
+        target = name
+        rows = None
+        if len(parts) >= 2 and parts[-2] in merged:
+            fused, offset, size = merged[parts[-2]]
+            target = ".".join([*parts[:-2], fused, parts[-1]])
+            rows = (offset, size)
+        param = params.get(target)
+        if param is None:
+            raise KeyError(f"checkpoint tensor {hf_name!r} has no place in {c.architecture}")
+        with torch.no_grad():
+            dest = param if rows is None else param.narrow(0, rows[0], rows[1])
+            if dest.shape != tensor.shape:
+                raise ValueError(
+                    f"{hf_name}: checkpoint shape {tuple(tensor.shape)}, "
+                    f"model expects {tuple(dest.shape)}"
+                )
+            dest.copy_(tensor)
+        loaded.add(target if rows is None else f"{target}[{rows[0]}]")
+    missing = _expected_loads(module, merged) - loaded
+    if missing:
+        raise ValueError(
+            f"checkpoint is missing {len(missing)} tensors, e.g. {sorted(missing)[:3]}"
+        )
 
 
 def _expected_loads(model: nn.Module, merged: dict[str, tuple[str, int, int]]) -> set[str]:

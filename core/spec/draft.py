@@ -15,9 +15,41 @@ import torch
 from ..attention import make_backend
 from ..kv_cache import KVPool, KVPoolSpec
 from ..model_loader import LoadedModel
+from ..models.config import ModelConfig
 from ..request import Request
 from ..runner import ModelRunner
 from ..sampling import SamplingBatch, draw, sampling_probs
+
+
+def shadow_runner(
+    model: torch.nn.Module,
+    config: ModelConfig,
+    dtype: torch.dtype,
+    target_pool: KVPool,
+    attention_backend: str,
+    max_running_requests: int,
+    max_request_tokens: int,
+) -> tuple[KVPool, ModelRunner]:
+    """A drafter's KV pool (its own shape, as many pages as the target's, so the target's page
+    ids index it) and a runner over it."""
+    spec = KVPoolSpec(
+        config.num_layers,
+        config.num_kv_heads,
+        config.head_dim,
+        target_pool.page_size,
+        target_pool.spec.num_pages,
+        dtype,
+    )
+    pool = KVPool(spec, target_pool.device)
+    runner = ModelRunner(
+        model,  # type: ignore[arg-type]
+        pool,
+        make_backend(attention_backend, pool),
+        target_pool.device,
+        max_running_requests,
+        max_request_tokens,
+    )
+    return pool, runner
 
 
 class DraftModel:
@@ -33,22 +65,13 @@ class DraftModel:
         max_running_requests: int,
         max_request_tokens: int,
     ) -> None:
-        mc = loaded.model_config
-        spec = KVPoolSpec(
-            mc.num_layers,
-            mc.num_kv_heads,
-            mc.head_dim,
-            target_pool.page_size,
-            target_pool.spec.num_pages,
-            loaded.dtype,
-        )
         self.loaded = loaded
-        self.pool = KVPool(spec, loaded.device)
-        self.runner = ModelRunner(
+        self.pool, self.runner = shadow_runner(
             loaded.model,
-            self.pool,
-            make_backend(attention_backend, self.pool),
-            loaded.device,
+            loaded.model_config,
+            loaded.dtype,
+            target_pool,
+            attention_backend,
             max_running_requests,
             max_request_tokens,
         )
@@ -76,7 +99,7 @@ class DraftModel:
         logits = self.runner.run_tokens(items, [len(t) - 1 for _, t, _ in items])  # [A, V]
         step = 0
         while True:
-            tokens = self._pick(logits, [reqs[b] for b in rows], rows, q_rows)
+            tokens = pick_drafts(logits, [reqs[b] for b in rows], rows, q_rows)
             for b, token in zip(rows, tokens, strict=True):
                 drafts[b].append(token)
             step += 1
@@ -91,29 +114,30 @@ class DraftModel:
                 reqs[b].draft_computed = reqs[b].num_tokens + k - 1
         return drafts, {b: torch.stack(q) for b, q in q_rows.items()}
 
-    def _pick(
-        self,
-        logits: torch.Tensor,  # [A, V]
-        reqs: list[Request],
-        rows: list[int],
-        q_rows: dict[int, list[torch.Tensor]],
-    ) -> list[int]:
-        """Greedy requests draft the argmax; sampled ones draw from the draft's distribution
-        under their own sampling parameters and keep it for rejection sampling."""
-        chosen = logits.argmax(dim=-1)  # [A]
-        sampled = [i for i, r in enumerate(reqs) if not r.params.greedy]
-        if sampled:
-            batch = SamplingBatch.build(
-                [reqs[i].params for i in sampled],
-                [[] for _ in sampled],
-                [[] for _ in sampled],
-                [reqs[i].generator for i in sampled],
-                logits.shape[-1],
-                logits.device,
-            )
-            probs = sampling_probs(logits[sampled].float(), batch)  # [S, V]
-            index = torch.tensor(sampled, device=logits.device)
-            chosen = chosen.index_copy(0, index, draw(probs, batch.generators))
-            for j, i in enumerate(sampled):
-                q_rows.setdefault(rows[i], []).append(probs[j])
-        return chosen.tolist()
+
+def pick_drafts(
+    logits: torch.Tensor,  # [A, V]
+    reqs: list[Request],
+    rows: list[int],
+    q_rows: dict[int, list[torch.Tensor]],
+) -> list[int]:
+    """One draft token per row: greedy requests draft the argmax; sampled ones draw from the
+    draft's distribution under their own sampling parameters and keep it (in q_rows, by
+    `rows[i]`) for rejection sampling."""
+    chosen = logits.argmax(dim=-1)  # [A]
+    sampled = [i for i, r in enumerate(reqs) if not r.params.greedy]
+    if sampled:
+        batch = SamplingBatch.build(
+            [reqs[i].params for i in sampled],
+            [[] for _ in sampled],
+            [[] for _ in sampled],
+            [reqs[i].generator for i in sampled],
+            logits.shape[-1],
+            logits.device,
+        )
+        probs = sampling_probs(logits[sampled].float(), batch)  # [S, V]
+        index = torch.tensor(sampled, device=logits.device)
+        chosen = chosen.index_copy(0, index, draw(probs, batch.generators))
+        for j, i in enumerate(sampled):
+            q_rows.setdefault(rows[i], []).append(probs[j])
+    return chosen.tolist()

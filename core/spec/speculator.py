@@ -5,18 +5,26 @@ engine's bookkeeping do the rest. One Speculator per runtime build; hot restarts
 
 from __future__ import annotations
 
+from collections.abc import Hashable
+from pathlib import Path
+
 import torch
 
 from ..config import ConfigError, EngineConfig
 from ..kv_cache import KVPool
 from ..model_loader import LoadedModel, gpu_memory_gb, load_model
+from ..request import Request
 from ..scheduler import ScheduledBatch, Scheduler
 from .draft import DraftModel
+from .eagle import EagleDraft
+from .eagle_head import EagleHead, load_head_weights, random_layout, read_layout
 from .ngram import propose_ngram
 
-BUILT = ("ngram", "draft")
+BUILT = ("ngram", "draft", "eagle", "eagle3")
+EAGLE = ("eagle", "eagle3")
 
-DraftCache = tuple[EngineConfig, LoadedModel]  # a draft model's resolved config and weights
+# (what was loaded: a key of the flags that chose it, the weights): a draft model, an EAGLE head
+DraftCache = tuple[Hashable, LoadedModel | EagleHead]
 
 
 def check_speculative(config: EngineConfig) -> None:
@@ -32,6 +40,16 @@ def check_speculative(config: EngineConfig) -> None:
             "--speculative-algorithm draft needs --speculative-draft-model-path (a smaller "
             "model with the same tokenizer)"
         )
+    if (
+        algorithm in EAGLE
+        and not config.speculative_draft_model_path
+        and config.load_format != "dummy"
+    ):
+        raise ConfigError(
+            f"--speculative-algorithm {algorithm} needs --speculative-draft-model-path (a folder "
+            f"with an {'EAGLE-3' if algorithm == 'eagle3' else 'EAGLE'} head's config.json and "
+            "weights); only --load-format dummy makes up a random head"
+        )
     if algorithm != "none" and (config.speculative_eagle_topk or 1) > 1:
         raise ConfigError(
             "tree drafting (--speculative-eagle-topk > 1) is not available in this build yet; "
@@ -44,9 +62,18 @@ class Speculator:
     the verify pass rejects) and gives requests with repetition / frequency / presence penalties
     no drafts: their target distribution at a later position would depend on the drafts."""
 
-    def __init__(self, config: EngineConfig, draft: DraftModel | None) -> None:
+    def __init__(self, config: EngineConfig, draft: DraftModel | EagleDraft | None) -> None:
         self.max_drafts = (config.speculative_num_draft_tokens or 1) - 1
         self.draft = draft
+
+    def record(self, batch: ScheduledBatch, features: tuple[torch.Tensor, ...]) -> None:
+        """Keep each chunk's target features (from the pass that just ran) for an EAGLE head;
+        requests that never draft (penalties) keep none."""
+        if not isinstance(self.draft, EagleDraft):
+            return
+        for chunk, rows in zip(batch.chunks, features, strict=True):
+            if not _penalised(chunk.req):
+                self.draft.record(chunk.req, chunk.start, rows)
 
     def release(self) -> None:
         if self.draft is not None:
@@ -59,10 +86,9 @@ class Speculator:
         model, sampled requests) the draft distribution of each drafted token."""
         counts: list[int] = []
         for chunk in batch.chunks:
-            req, p = chunk.req, chunk.req.params
+            req = chunk.req
             room = min(self.max_drafts, req.max_new_tokens - len(req.output_ids) - 1)
-            penalties = p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty
-            if room <= 0 or penalties or not scheduler.reserve(req, req.num_tokens + room):
+            if room <= 0 or _penalised(req) or not scheduler.reserve(req, req.num_tokens + room):
                 room = 0  # nothing to draft, or the pool is short: verify the last token alone
             counts.append(room)
         reqs = [c.req for c in batch.chunks]
@@ -78,10 +104,16 @@ class Speculator:
 def load_draft(
     config: EngineConfig, target: LoadedModel, cache: DraftCache | None
 ) -> DraftCache | None:
-    """The draft model's weights for `config` (None unless the algorithm is draft), reusing
-    `cache` when the same draft model is asked for again. Loaded before the target's KV pool is
-    sized, so GPU pool sizing sees the memory they take."""
-    if config.speculative_algorithm != "draft":
+    """The drafter's weights for `config` (a draft model or an EAGLE head; None for n-gram or
+    no speculation), reusing `cache` when the same one is asked for again. Loaded before the
+    target's KV pool is sized, so GPU pool sizing sees the memory they take."""
+    algorithm = config.speculative_algorithm
+    if algorithm in EAGLE:
+        key = (algorithm, config.speculative_draft_model_path, id(target.model), config.seed)
+        if cache is not None and cache[0] == key:
+            return cache
+        return key, load_eagle_head(config, target)
+    if algorithm != "draft":
         return None
     draft_cfg = EngineConfig(
         model=config.speculative_draft_model_path,
@@ -97,28 +129,66 @@ def load_draft(
     return draft_cfg, loaded
 
 
+def load_eagle_head(config: EngineConfig, target: LoadedModel) -> EagleHead:
+    """The EAGLE head in --speculative-draft-model-path, or a random one of the target's shape
+    (dummy weights and no path), on the target's device and dtype."""
+    version = 3 if config.speculative_algorithm == "eagle3" else 1
+    path = config.speculative_draft_model_path
+    folder = Path(path).expanduser() if path else None
+    if folder is not None and not folder.is_dir():
+        raise ConfigError(
+            f"--speculative-draft-model-path {path}: no such folder (an EAGLE head is a folder "
+            "with config.json and weights; nothing is downloaded)"
+        )
+    mc = target.model_config
+    layout = read_layout(folder, version, mc) if folder else random_layout(version, mc)
+    with target.device:
+        head = EagleHead(layout, target.model, target.dtype)
+    if folder is None:
+        head.init_random(config.seed)
+    else:
+        load_head_weights(head, folder)
+    return head.eval()
+
+
 def draft_bytes_per_page(cache: DraftCache | None, page_size: int) -> int:
-    """KV bytes the draft model needs per page of the target's pool (its pool has as many)."""
+    """KV bytes the drafter needs per page of the target's pool (its pool has as many)."""
     if cache is None:
         return 0
-    mc, dtype = cache[1].model_config, cache[1].dtype
+    weights = cache[1]
+    if isinstance(weights, EagleHead):
+        mc, dtype = weights.config, weights.fc.weight.dtype
+    else:
+        mc, dtype = weights.model_config, weights.dtype
     elem = torch.empty((), dtype=dtype).element_size()
     return 2 * mc.num_layers * page_size * mc.num_kv_heads * mc.head_dim * elem
 
 
 def build_speculator(
-    config: EngineConfig, pool: KVPool, max_request_tokens: int, cache: DraftCache | None
+    config: EngineConfig,
+    target: LoadedModel,
+    pool: KVPool,
+    max_request_tokens: int,
+    cache: DraftCache | None,
 ) -> Speculator | None:
-    """The speculator for `config` (None when speculation is off); `cache` holds the draft
-    model's weights (`load_draft`) for the draft algorithm."""
-    if config.speculative_algorithm == "none":
+    """The speculator for `config` (None when speculation is off); `cache` holds the drafter's
+    weights (`load_draft`). Sets which features the target's passes capture (EAGLE's)."""
+    algorithm = config.speculative_algorithm
+    weights = None if cache is None else cache[1]
+    target.model.capture_features(
+        weights.layout.target_layers if isinstance(weights, EagleHead) else ()
+    )
+    if algorithm == "none":
         return None
-    if config.speculative_algorithm != "draft":
+    if algorithm == "ngram":
         return Speculator(config, None)
-    assert cache is not None, "load_draft first"
-    loaded = cache[1]
-    backend = config.attention_backend if loaded.device.type == "cuda" else "torch"
-    draft = DraftModel(loaded, pool, backend, config.max_running_requests or 1, max_request_tokens)
+    assert weights is not None, "load_draft first"
+    device = target.device
+    backend = config.attention_backend if device.type == "cuda" else "torch"
+    slots = config.max_running_requests or 1
+    if isinstance(weights, EagleHead):
+        return Speculator(config, EagleDraft(weights, pool, backend, slots, max_request_tokens))
+    draft = DraftModel(weights, pool, backend, slots, max_request_tokens)
     return Speculator(config, draft)
 
 
@@ -133,3 +203,10 @@ def _check_draft_matches(target: LoadedModel, draft: LoadedModel) -> None:
             f"--speculative-draft-model-path {draft.source.name} has another vocabulary than "
             f"{target.source.name}; a draft model must share the target's tokenizer"
         )
+
+
+def _penalised(req: Request) -> bool:
+    """Repetition / frequency / presence penalties: the target's distribution at a later
+    position would depend on the drafts, so such requests never draft."""
+    p = req.params
+    return p.repetition_penalty != 1.0 or bool(p.frequency_penalty) or bool(p.presence_penalty)

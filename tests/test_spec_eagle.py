@@ -1,0 +1,279 @@
+"""EAGLE and EAGLE-3 heads in the engine: the target's hidden states they read, lossless output
+with random heads (full and reduced draft vocabularies), drafts that line up with the target's
+features across chunked prefill, verify passes and retractions, and clear errors for heads that
+do not fit."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from eagle_utils import save_eagle_head
+from engine_utils import wait_idle
+from safetensors.torch import load_file, save_file
+
+from llmconsole.core import Engine, EngineConfig, SamplingParams
+from llmconsole.core.attention.torch_backend import TorchAttention
+from llmconsole.core.config import ConfigError
+from llmconsole.core.kv_cache import KVPool, KVPoolSpec, pages_needed
+from llmconsole.core.model_loader import load_model
+from llmconsole.core.models.config import ModelConfig
+from llmconsole.core.request import Request
+from llmconsole.core.runner import ModelRunner
+from llmconsole.core.spec.eagle_head import eagle3_layers
+from llmconsole.core.spec.speculator import load_eagle_head
+from llmconsole.core.telemetry import RequestRecord, StepRecord, of_type
+
+PROMPTS = [
+    "Count from one to twenty in words: one, two, three, four,",
+    "What is the capital of France?",
+    "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n",
+    "Repeat the letter a forever: a a a a a a a a a a a a",
+]
+
+
+def greedy(max_tokens: int = 32) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def heads(tmp_path_factory: pytest.TempPathFactory, engine: Engine) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("heads")
+    mc = engine.loaded.model_config
+    return {
+        "eagle": save_eagle_head(root / "eagle", mc, 1),
+        "eagle3": save_eagle_head(root / "eagle3", mc, 3),
+        "eagle3-reduced": save_eagle_head(root / "eagle3-reduced", mc, 3, draft_vocab=4096),
+    }
+
+
+@pytest.fixture(scope="module")
+def reference(engine: Engine) -> list[list[int]]:
+    return [r.token_ids for r in engine.generate(PROMPTS, greedy())]
+
+
+def _verify_steps(engine: Engine) -> list[StepRecord]:
+    return [s for s in of_type(engine.telemetry.snapshot(), StepRecord) if s.kind == "verify"]
+
+
+@pytest.mark.parametrize("head", ["eagle", "eagle3", "eagle3-reduced"])
+def test_random_heads_are_lossless(
+    head: str, heads: dict[str, Path], reference: list[list[int]]
+) -> None:
+    algorithm = head.split("-")[0]
+    cfg = EngineConfig(
+        speculative_algorithm=algorithm.upper(),  # SGLang's spelling works too
+        speculative_draft_model_path=str(heads[head]),
+        speculative_num_steps=3,
+        chunked_prefill_size=16,  # features arrive over several prefill chunks
+    )
+    with Engine(cfg) as eng:
+        got = [r.token_ids for r in eng.generate(PROMPTS, greedy())]
+        assert got == reference
+        steps = _verify_steps(eng)
+        # The head drafted for every request on every pass with room for drafts.
+        assert sum(s.drafted_tokens for s in steps) >= 3 * len(PROMPTS) * 20
+        sampled = eng.generate(
+            PROMPTS[:2], SamplingParams(max_tokens=24, temperature=0.8, top_p=0.9, seed=5)
+        )
+        assert all(len(r.token_ids) == 24 for r in sampled)
+        wait_idle(eng)
+        eng.check_integrity()  # every page back in the pool
+
+
+def _echo_head(folder: Path, mc: ModelConfig) -> Path:
+    """An EAGLE head that passes the target's final hidden state straight through (fc = [0 | I],
+    attention and MLP outputs zero), so the target's LM head re-scores the position the
+    features came from: its first draft is the target's own last token, and so are the rest.
+    Any misalignment between features and positions shows up as another token."""
+    save_eagle_head(folder, mc, 1)
+    weights = load_file(folder / "model.safetensors")
+    h = mc.hidden_size
+    weights["fc.weight"] = torch.cat([torch.zeros(h, h), torch.eye(h)], dim=1)
+    weights["layers.0.self_attn.o_proj.weight"].zero_()
+    weights["layers.0.mlp.down_proj.weight"].zero_()
+    save_file(weights, str(folder / "model.safetensors"))
+    return folder
+
+
+def _spy_on_drafts(eng: Engine) -> list[tuple[list[int], list[list[int]]]]:
+    """Record (each request's last token, its drafts) of every proposal; the real proposer
+    runs."""
+    draft = eng.spec.draft  # type: ignore[union-attr]
+    real = draft.propose
+    calls: list[tuple[list[int], list[list[int]]]] = []
+
+    def spy(reqs: list[Request], counts: list[int]):
+        last = [r.token_ids(r.num_tokens - 1, r.num_tokens)[0] for r in reqs]
+        drafts, q = real(reqs, counts)
+        calls.append((last, drafts))
+        return drafts, q
+
+    draft.propose = spy
+    return calls
+
+
+def test_drafts_line_up_with_the_targets_features(
+    tmp_path: Path, engine: Engine, reference: list[list[int]]
+) -> None:
+    cfg = EngineConfig(
+        speculative_algorithm="eagle",
+        speculative_draft_model_path=str(_echo_head(tmp_path / "echo", engine.loaded.model_config)),
+        speculative_num_steps=4,
+        chunked_prefill_size=16,
+        max_total_tokens=112,  # four requests outgrow the pool: retractions, re-prefill
+        page_size=4,
+    )
+    with Engine(cfg) as eng:
+        calls = _spy_on_drafts(eng)
+        got = [r.token_ids for r in eng.generate(PROMPTS, greedy())]
+        assert got == reference
+        pairs = [(t, d) for last, drafts in calls for t, d in zip(last, drafts, strict=True) if d]
+        assert len(pairs) > 40
+        assert all(d == [t] * len(d) for t, d in pairs)
+        records = of_type(eng.telemetry.snapshot(), RequestRecord)[-len(PROMPTS) :]
+        assert sum(r.retractions for r in records) > 0, "the test wants retractions"
+        # "a a a a": repeating the last token is right there, so drafts get accepted; a chat
+        # answer rarely repeats, so one batch holds different accept lengths.
+        steps = _verify_steps(eng)
+        assert sum(s.accepted_tokens for s in steps) > 10
+        assert any(0 < s.accepted_per_position[0] < s.batch_size for s in steps)
+        wait_idle(eng)
+        eng.check_integrity()
+
+
+def test_captured_features_are_the_hidden_states_transformers_reports(tmp_path: Path) -> None:
+    config = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=300,
+        max_position_embeddings=256,
+    )
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(config).eval()
+    hf.save_pretrained(tmp_path)
+    loaded = load_model(EngineConfig(model=str(tmp_path)).resolve("cpu", 0.0))
+    model = loaded.model
+    layers = eagle3_layers(8)
+    assert layers == (2, 4, 5)
+    model.capture_features((*layers, 8))  # EAGLE-3's low / mid / high and EAGLE's final state
+    ids = [1, 17, 42, 99, 5, 250, 3, 77, 12]
+    pool = KVPool(KVPoolSpec(8, 2, 16, 4, 8, torch.float32), torch.device("cpu"))
+    runner = ModelRunner(model, pool, TorchAttention(pool), torch.device("cpu"), 2, 32)
+    req = Request("r", ids, SamplingParams(), 1)
+    req.pages = list(range(1, 1 + pages_needed(len(ids), 4)))
+    features = torch.empty(len(ids), 4 * 64)
+    runner.run_tokens([(req, ids, 0)], [len(ids) - 1], features=features)
+    with torch.no_grad():
+        states = hf(torch.tensor([ids]), output_hidden_states=True).hidden_states
+    for k, layer in enumerate((*layers, 8)):
+        torch.testing.assert_close(features[:, k * 64 : (k + 1) * 64], states[layer][0])
+
+
+@pytest.fixture(scope="module")
+def tiny_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """An EAGLE-3 head sized for a hidden size of 64 (not the default model's)."""
+    cfg = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=49152,
+    )
+    folder = tmp_path_factory.mktemp("tiny-head")
+    yield save_eagle_head(folder, ModelConfig.from_hf(cfg), 3)
+
+
+def test_heads_that_do_not_fit_are_refused_clearly(
+    engine: Engine, heads: dict[str, Path], tiny_head: Path, tmp_path: Path
+) -> None:
+    def load(algorithm: str, path: str | None) -> None:
+        cfg = EngineConfig(speculative_algorithm=algorithm, speculative_draft_model_path=path)
+        load_eagle_head(cfg.resolve("cpu", 0.0), engine.loaded)
+
+    with pytest.raises(ConfigError, match="use --speculative-algorithm eagle3"):
+        load("eagle", str(heads["eagle3"]))
+    with pytest.raises(ConfigError, match="use --speculative-algorithm eagle$"):
+        load("eagle3", str(heads["eagle"]))
+    with pytest.raises(ConfigError, match="does not fit the target"):
+        load("eagle3", str(tiny_head))
+    with pytest.raises(ConfigError, match="no such folder"):
+        load("eagle", str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no config.json"):
+        load("eagle", str(tmp_path / "empty"))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((heads["eagle3"] / "config.json").read_text())
+    weights = load_file(heads["eagle3"] / "model.safetensors")
+    del weights["midlayer.mlp.down_proj.weight"]
+    save_file(weights, str(broken / "model.safetensors"))
+    with pytest.raises(ConfigError, match="missing 1 tensors"):
+        load("eagle3", str(broken))
+    with pytest.raises(ConfigError, match="needs --speculative-draft-model-path"):
+        Engine(EngineConfig(speculative_algorithm="eagle3"))
+    # The engine that served all along still serves.
+    assert engine.generate(["Hi"], greedy(4))[0].token_ids
+
+
+def test_restart_switches_between_eagle_and_plain_decoding(
+    heads: dict[str, Path], reference: list[list[int]]
+) -> None:
+    with Engine(EngineConfig()) as eng:
+        result = eng.restart(
+            {
+                "speculative_algorithm": "eagle3",
+                "speculative_draft_model_path": str(heads["eagle3-reduced"]),
+            }
+        )
+        assert result.mode == "rebuild"
+        assert [r.token_ids for r in eng.generate(PROMPTS, greedy())] == reference
+        assert sum(s.drafted_tokens for s in _verify_steps(eng)) > 0
+        eng.restart({"speculative_algorithm": "none"})
+        assert eng.loaded.model.feature_layers == ()  # the target stops capturing features
+        assert [r.token_ids for r in eng.generate(PROMPTS, greedy())] == reference
+        wait_idle(eng)
+        eng.check_integrity()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_eagle_verify_passes_read_features_from_decode_graphs(tmp_path: Path) -> None:
+    prompts = [[1, *range(100 + 7 * i, 140 + 7 * i)] for i in range(6)]
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    base = EngineConfig(
+        model="smollm2-135m", load_format="dummy", dtype="float32", cuda_graph_max_bs=8
+    )
+    with Engine(base) as plain:
+        expected = [r.token_ids for r in plain.generate(prompts, params)]
+        mc = plain.loaded.model_config
+    echo = _echo_head(tmp_path / "echo", mc)
+    cfg = base.replace(speculative_algorithm="eagle", speculative_draft_model_path=str(echo))
+    with Engine(cfg) as eng:
+        calls = _spy_on_drafts(eng)
+        got = [r.token_ids for r in eng.generate(prompts, params)]
+        steps = _verify_steps(eng)
+        wait_idle(eng)
+        eng.check_integrity()
+    # fp32, the same kernels; a near-tie may still flip between bucket shapes.
+    assert sum(g == e for g, e in zip(got, expected, strict=True)) >= 5
+    assert all(s.cuda_graph for s in steps)
+    pairs = [(t, d) for last, drafts in calls for t, d in zip(last, drafts, strict=True) if d]
+    # Features read back from the graphs' buffer line up: the echo head redrafts the last token.
+    assert len(pairs) > 50
+    assert sum(d == [t] * len(d) for t, d in pairs) >= 0.95 * len(pairs)
+    with Engine(base.replace(speculative_algorithm="eagle3", cuda_graph_max_bs=4)) as eng:
+        got3 = [r.token_ids for r in eng.generate(prompts, params)]  # a random EAGLE-3 head
+        steps = _verify_steps(eng)
+        wait_idle(eng)
+        eng.check_integrity()
+    assert sum(g == e for g, e in zip(got3, expected, strict=True)) >= 5
+    assert sum(s.drafted_tokens for s in steps) > 0
+    assert any(s.cuda_graph for s in steps) and any(not s.cuda_graph for s in steps)
