@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -29,7 +30,32 @@ BATCH_SIZES = typer.Option([1, 4], "--batch-size", help="requests in flight (rep
 NUM_STEPS = typer.Option(
     [2, 4, 6], "--num-steps", help="draft steps per verify pass (repeatable); 0 = off"
 )
+TOPK = typer.Option(
+    [1], "--topk", help="--speculative-eagle-topk values (repeatable); > 1 drafts trees (eagle)"
+)
+DRAFT_TOKENS = typer.Option(
+    [],
+    "--num-draft-tokens",
+    help="--speculative-num-draft-tokens values for trees (repeatable; default topk*steps+1, "
+    "at most 64); a chain (topk 1) always verifies steps + 1",
+)
 OUTPUT = typer.Option(None, help="append one JSON row per configuration (JSONL)")
+
+Setting = tuple[int, int, int]  # (num steps, topk, num draft tokens); (0, 0, 0) = off
+
+
+def settings(num_steps: list[int], topks: list[int], draft_tokens: list[int]) -> list[Setting]:
+    """Every valid (steps, topk, draft tokens) of the sweep, in the order given."""
+    out: list[Setting] = []
+    for steps in num_steps:
+        for topk in topks:
+            if topk == 1:
+                out.append((steps, 1, steps + 1))
+                continue
+            for d in draft_tokens or [min(topk * steps + 1, 64)]:
+                if 2 <= d <= topk * steps + 1:
+                    out.append((steps, topk, d))
+    return out
 
 
 def humaneval_prompts() -> list[str]:
@@ -59,7 +85,13 @@ def load_texts(dataset: str, path: str | None, num_prompts: int) -> list[str]:
 
 def encode(engine: Engine, texts: list[str], chat: bool) -> list[list[int]]:
     if engine.tokenizer is None:
-        fail(f"{engine.model_name} has no tokenizer: bench spec needs text prompts")
+        # A random-weight shape has no tokenizer: random ids of the texts' lengths in bytes /
+        # 4 (timing runs; acceptance then says nothing about real text).
+        gen = torch.Generator().manual_seed(0)
+        vocab = engine.loaded.model_config.vocab_size
+        return [
+            torch.randint(0, vocab, (max(8, len(t) // 4),), generator=gen).tolist() for t in texts
+        ]
     if chat and getattr(engine.tokenizer, "chat_template", None):
         return [engine.apply_chat_template([{"role": "user", "content": t}]) for t in texts]
     return [engine.tokenize(t) for t in texts]
@@ -70,15 +102,16 @@ def sweep(
     prompts: list[list[int]],
     algorithm: str,
     batch_sizes: list[int],
-    num_steps: list[int],
+    configs: list[Setting],
     max_tokens: int,
-) -> list[tuple[int, int, RunStats]]:
-    """(batch size, num steps, stats) per configuration; num steps 0 = speculation off."""
+) -> list[tuple[int, Setting, RunStats]]:
+    """(batch size, setting, stats) per configuration; setting (0, 0, 0) = speculation off."""
     records = RunRecords(engine)
     warm_up(engine, records, prompts[0])
     results = []
     for bs in batch_sizes:
-        for steps in [0, *(n for n in num_steps if n > 0)]:
+        for setting in [(0, 0, 0), *configs]:
+            steps, topk, draft_tokens = setting
             if steps == 0:
                 engine.restart({"speculative_algorithm": "none"})
             else:
@@ -86,20 +119,21 @@ def sweep(
                     {
                         "speculative_algorithm": algorithm,
                         "speculative_num_steps": steps,
-                        "speculative_eagle_topk": 1,
-                        "speculative_num_draft_tokens": steps + 1,
+                        "speculative_eagle_topk": topk,
+                        "speculative_num_draft_tokens": draft_tokens,
                     }
                 )
-            results.append((bs, steps, run_ours(engine, records, prompts, max_tokens, bs)))
+            results.append((bs, setting, run_ours(engine, records, prompts, max_tokens, bs)))
     return results
 
 
-def print_table(results: list[tuple[int, int, RunStats]], algorithm: str) -> None:
-    table = Table(title=f"speculative decoding sweep ({algorithm}, topk 1)")
-    for col in ("batch", "steps", "draft tokens", "tok/s", "speedup", "accept length", "rate"):
+def print_table(results: list[tuple[int, Setting, RunStats]], algorithm: str) -> None:
+    table = Table(title=f"speculative decoding sweep ({algorithm})")
+    columns = ("batch", "steps", "topk", "draft tokens", "tok/s", "speedup", "accept length")
+    for col in (*columns, "rate"):
         table.add_column(col, justify="right")
     baseline: dict[int, float] = {}
-    for bs, steps, stats in results:
+    for bs, (steps, topk, draft_tokens), stats in results:
         if steps == 0:
             baseline[bs] = stats.output_tok_s
         length = stats.accept_length
@@ -107,7 +141,8 @@ def print_table(results: list[tuple[int, int, RunStats]], algorithm: str) -> Non
         table.add_row(
             str(bs),
             str(steps) if steps else "off",
-            str(steps + 1) if steps else "-",
+            str(topk) if steps else "-",
+            str(draft_tokens) if steps else "-",
             f"{stats.output_tok_s:.1f}",
             f"{stats.output_tok_s / baseline[bs]:.2f}x",
             f"{length:.2f}" if length is not None else "-",
@@ -128,6 +163,8 @@ def register_spec_bench(bench_app: typer.Typer, engine_flags: Any, start_engine:
         ),
         batch_size: list[int] = BATCH_SIZES,
         num_steps: list[int] = NUM_STEPS,
+        topk: list[int] = TOPK,
+        num_draft_tokens: list[int] = DRAFT_TOKENS,
         dataset: str = typer.Option("builtin", help="|".join(DATASETS)),
         dataset_path: str | None = typer.Option(None, help="ShareGPT JSON for --dataset sharegpt"),
         num_prompts: int = typer.Option(16, help="prompts per configuration"),
@@ -139,8 +176,9 @@ def register_spec_bench(bench_app: typer.Typer, engine_flags: Any, start_engine:
         *,
         config: EngineConfig,
     ) -> None:
-        """Output tok/s and accept length per batch size x num-steps (topk 1), speculation
-        off as each batch size's baseline, all in one engine switched by hot restarts."""
+        """Output tok/s and accept length per batch size x num-steps x topk x num-draft-tokens,
+        speculation off as each batch size's baseline, all in one engine switched by hot
+        restarts."""
         check_min("--num-prompts", num_prompts)
         check_min("--max-tokens", max_tokens)
         for bs in batch_size:
@@ -153,11 +191,18 @@ def register_spec_bench(bench_app: typer.Typer, engine_flags: Any, start_engine:
         dummy_head = algorithm in ("eagle", "eagle3") and config.load_format == "dummy"
         if algorithm != "ngram" and not config.speculative_draft_model_path and not dummy_head:
             fail(f"--algorithm {algorithm} needs --speculative-draft-model-path")
+        if any(k < 1 for k in topk) or any(d < 2 for d in num_draft_tokens):
+            fail("--topk must be >= 1 and --num-draft-tokens >= 2")
+        if max(topk) > 1 and algorithm not in ("eagle", "eagle3"):
+            fail(f"--topk > 1 drafts trees, which eagle and eagle3 do; {algorithm} drafts chains")
+        configs = settings([n for n in num_steps if n > 0], topk, num_draft_tokens)
+        if not configs and any(n > 0 for n in num_steps):
+            fail("no --num-draft-tokens value fits a tree of these --topk and --num-steps")
         texts = load_texts(dataset, dataset_path, num_prompts)
         engine: Engine = start_engine(config)
         try:
             prompts = encode(engine, texts, chat)
-            results = sweep(engine, prompts, algorithm, batch_size, num_steps, max_tokens)
+            results = sweep(engine, prompts, algorithm, batch_size, configs, max_tokens)
         finally:
             engine.shutdown()
         print_table(results, algorithm)
@@ -167,12 +212,12 @@ def register_spec_bench(bench_app: typer.Typer, engine_flags: Any, start_engine:
                 {
                     "algorithm": algorithm if steps else "none",
                     "num_steps": steps,
-                    "topk": 1,
-                    "num_draft_tokens": steps + 1 if steps else 0,
+                    "topk": topk_,
+                    "num_draft_tokens": draft_tokens,
                     "accept_length": stats.accept_length,
                     **stats.row(info),
                 }
-                for _, steps, stats in results
+                for _, (steps, topk_, draft_tokens), stats in results
             ]
             append_jsonl(output_file, rows)
             Console(stderr=True).print(f"wrote {json_rows(len(rows))} to {output_file}")

@@ -37,6 +37,7 @@ from .spec.speculator import (
     check_speculative,
     draft_bytes_per_page,
     load_draft,
+    tree_scratch_rows,
 )
 from .telemetry import (
     EngineEvent,
@@ -159,6 +160,7 @@ class Engine(HotRestartMixin):
             loaded.device,
             cfg.max_running_requests,
             self.max_request_tokens,
+            tree_scratch_rows(cfg),
         )
         self._build_speculator()
 
@@ -418,8 +420,8 @@ class Engine(HotRestartMixin):
             spec = self.spec if batch.kind == "decode" else None
             try:
                 if spec is not None:
-                    drafts, draft_probs = spec.propose(batch, self.scheduler)
-                    out: StepOutput | VerifyOutput = self.runner.verify(batch, drafts, draft_probs)
+                    proposal = spec.propose(batch, self.scheduler)
+                    out: StepOutput | VerifyOutput = spec.verify(self.runner, batch, proposal)
                 else:
                     out = self.runner.forward(batch)
             except Exception as exc:  # one bad batch must not stop the engine
@@ -432,7 +434,12 @@ class Engine(HotRestartMixin):
             if isinstance(out, VerifyOutput):
                 generated = self._process_verify(batch, out)
                 self._record_step(
-                    batch, out, generated, time.perf_counter() - started, drafts, out.accepted
+                    batch,
+                    out,
+                    generated,
+                    time.perf_counter() - started,
+                    proposal.drafts,
+                    out.accepted,
                 )
             else:
                 generated = self._process(batch, out)

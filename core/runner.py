@@ -77,14 +77,16 @@ class ModelRunner:
         device: torch.device,
         max_running_requests: int = 64,
         max_request_tokens: int | None = None,
+        scratch_rows: int = 0,
     ) -> None:
+        """`scratch_rows`: slot-table rows for draft-tree nodes (SlotTable.scratch)."""
         self.model = model
         self.pool = pool
         self.attention = attention
         self.device = device
         self.vocab_size = model.config.vocab_size
         width = max_request_tokens or pool.spec.num_slots
-        self.slots = SlotTable(max_running_requests, width, device)
+        self.slots = SlotTable(max_running_requests, width, device, scratch_rows)
         self.graphs: DecodeGraphRunner | None = None
 
     def cuda_graph_unsupported(self) -> str | None:
@@ -239,6 +241,34 @@ class ModelRunner:
         )
         self.attention.plan(inputs)
         return self.model(ids_d, pos_d, self.attention, gather_d, **model_inputs)
+
+    @torch.inference_mode()
+    def run_rows(
+        self,
+        ids: list[int],
+        positions: list[int],
+        write_slots: list[int],
+        rows: list[int],
+        **model_inputs: Any,
+    ) -> Any:  # the model's output, one row per token
+        """Eager forward of tokens that each read their own slot-table row: token t sits at
+        positions[t], writes its K/V to write_slots[t] and attends to rows[t]'s slots
+        [0, positions[t]] (the row must hold everything before it). Draft-tree nodes run this
+        way, each on a scratch row holding its request's prefix and its ancestors."""
+        n = len(ids)
+        packed = int64_to_device(ids + positions + write_slots + rows, self.device)
+        ids_d, pos_d, write_d, rows_d = packed.split(n)
+        self.slots.write(rows_d, pos_d, write_d)
+        inputs = AttentionInputs(
+            prefix_lens=torch.tensor(positions, dtype=torch.int64),
+            extend_lens=torch.ones(n, dtype=torch.int64),
+            kv_slots=self.slots.table[:, : max(positions) + 1].index_select(0, rows_d),
+            write_slots=write_d,
+            is_decode=True,
+        )
+        self.attention.plan(inputs)
+        gather = torch.arange(n, device=self.device)
+        return self.model(ids_d, pos_d, self.attention, gather, **model_inputs)
 
     def _verify_graph(
         self,

@@ -23,16 +23,32 @@ class SlotTable:
     the entries [0, kv_len) a step reads were all written by this request's own earlier steps or
     by this step's `write`."""
 
-    def __init__(self, num_requests: int, width: int, device: torch.device) -> None:
+    def __init__(
+        self, num_requests: int, width: int, device: torch.device, scratch_rows: int = 0
+    ) -> None:
         self.width = width  # the longest request, in tokens
-        # table: [num_requests + 1, width] int64; the extra row is the dummy row
-        self.table = torch.zeros(num_requests + 1, width, dtype=torch.int64, device=device)
+        # table: [num_requests + 1 + scratch_rows, width] int64; row 0 is the dummy row, the
+        # scratch rows after the requests' are the draft-tree nodes' (see `scratch`)
+        self.table = torch.zeros(
+            num_requests + 1 + scratch_rows, width, dtype=torch.int64, device=device
+        )
+        self.num_rows = num_requests + 1  # the dummy row and the requests' rows
+        self.num_scratch = scratch_rows
         self._free = list(range(num_requests, DUMMY_ROW, -1))
         self._rows: dict[Request, int] = {}
 
-    @property
-    def num_rows(self) -> int:
-        return int(self.table.shape[0])
+    def scratch(self, i: int) -> int:
+        """Scratch row i: a row a step fills for one draft-tree node (its request's prefix, then
+        the node's ancestors), read by that node alone and rewritten by the next step."""
+        if not 0 <= i < self.num_scratch:
+            raise IndexError(f"scratch row {i} of {self.num_scratch}")
+        return self.num_rows + i
+
+    def copy_prefix(self, src_rows: torch.Tensor, dst_rows: torch.Tensor, length: int) -> None:
+        """table[dst_rows[i], :length] = table[src_rows[i], :length] (device [N] int64 each)."""
+        if length > 0:
+            view = self.table[:, :length]
+            view.index_copy_(0, dst_rows, view.index_select(0, src_rows))
 
     def row(self, req: Request) -> int:
         """`req`'s row, assigning one on its first step (after retraction: a fresh one)."""

@@ -29,6 +29,7 @@ def shadow_runner(
     attention_backend: str,
     max_running_requests: int,
     max_request_tokens: int,
+    scratch_rows: int = 0,
 ) -> tuple[KVPool, ModelRunner]:
     """A drafter's KV pool (its own shape, as many pages as the target's, so the target's page
     ids index it) and a runner over it."""
@@ -48,6 +49,7 @@ def shadow_runner(
         target_pool.device,
         max_running_requests,
         max_request_tokens,
+        scratch_rows,
     )
     return pool, runner
 

@@ -6,6 +6,7 @@ engine's bookkeeping do the rest. One Speculator per runtime build; hot restarts
 from __future__ import annotations
 
 from collections.abc import Hashable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -14,11 +15,13 @@ from ..config import ConfigError, EngineConfig
 from ..kv_cache import KVPool
 from ..model_loader import LoadedModel, gpu_memory_gb, load_model
 from ..request import Request
+from ..runner import ModelRunner, VerifyOutput
 from ..scheduler import ScheduledBatch, Scheduler
 from .draft import DraftModel
 from .eagle import EagleDraft
 from .eagle_head import EagleHead, load_head_weights, random_layout, read_layout
 from .ngram import propose_ngram
+from .tree_verify import verify_tree
 
 BUILT = ("ngram", "draft", "eagle", "eagle3")
 EAGLE = ("eagle", "eagle3")
@@ -50,11 +53,35 @@ def check_speculative(config: EngineConfig) -> None:
             f"with an {'EAGLE-3' if algorithm == 'eagle3' else 'EAGLE'} head's config.json and "
             "weights); only --load-format dummy makes up a random head"
         )
-    if algorithm != "none" and (config.speculative_eagle_topk or 1) > 1:
+    topk = config.speculative_eagle_topk or 1
+    if algorithm not in ("none", *EAGLE) and topk > 1:
         raise ConfigError(
-            "tree drafting (--speculative-eagle-topk > 1) is not available in this build yet; "
-            "use --speculative-eagle-topk 1"
+            f"tree drafting (--speculative-eagle-topk {topk}) works with eagle and eagle3; "
+            f"{algorithm} drafts a chain: use --speculative-eagle-topk 1"
         )
+    steps, draft_tokens = config.speculative_num_steps, config.speculative_num_draft_tokens
+    if topk > 1 and steps and draft_tokens and not 2 <= draft_tokens <= topk * steps + 1:
+        raise ConfigError(
+            f"--speculative-num-draft-tokens {draft_tokens}: a tree of --speculative-eagle-topk "
+            f"{topk} over --speculative-num-steps {steps} verifies 2 to {topk * steps + 1} "
+            "tokens (the last token and its drafts)"
+        )
+
+
+def tree_scratch_rows(config: EngineConfig) -> int:
+    """Slot-table scratch rows the target's runner needs for tree verify passes."""
+    if (config.speculative_eagle_topk or 1) <= 1 or config.speculative_algorithm == "none":
+        return 0
+    return (config.max_running_requests or 1) * ((config.speculative_num_draft_tokens or 1) - 1)
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """One decode batch's drafts: per chunk a chain, or with `parents` a tree (tree.py)."""
+
+    drafts: list[list[int]]
+    draft_probs: dict[int, torch.Tensor] | None = None  # chain drafts of sampled requests
+    parents: list[list[int]] | None = None
 
 
 class Speculator:
@@ -64,6 +91,8 @@ class Speculator:
 
     def __init__(self, config: EngineConfig, draft: DraftModel | EagleDraft | None) -> None:
         self.max_drafts = (config.speculative_num_draft_tokens or 1) - 1
+        self.topk = config.speculative_eagle_topk or 1
+        self.num_steps = config.speculative_num_steps or 1
         self.draft = draft
 
     def record(self, batch: ScheduledBatch, features: tuple[torch.Tensor, ...]) -> None:
@@ -79,11 +108,11 @@ class Speculator:
         if self.draft is not None:
             self.draft.release()
 
-    def propose(
-        self, batch: ScheduledBatch, scheduler: Scheduler
-    ) -> tuple[list[list[int]], dict[int, torch.Tensor] | None]:
+    def propose(self, batch: ScheduledBatch, scheduler: Scheduler) -> Proposal:
         """Drafts per decode chunk, within each request's remaining max_tokens, and (draft
         model, sampled requests) the draft distribution of each drafted token."""
+        if self.topk > 1:
+            return self._propose_tree(batch, scheduler)
         counts: list[int] = []
         for chunk in batch.chunks:
             req = chunk.req
@@ -93,12 +122,38 @@ class Speculator:
             counts.append(room)
         reqs = [c.req for c in batch.chunks]
         if self.draft is not None:
-            return self.draft.propose(reqs, counts)
+            return Proposal(*self.draft.propose(reqs, counts))
         drafts = [
             propose_ngram(req.prompt_ids + req.output_ids, k) if k else []
             for req, k in zip(reqs, counts, strict=True)
         ]
-        return drafts, None
+        return Proposal(drafts)
+
+    def _propose_tree(self, batch: ScheduledBatch, scheduler: Scheduler) -> Proposal:
+        assert isinstance(self.draft, EagleDraft), "tree drafting is EAGLE's"
+        k, steps = self.topk, self.num_steps
+        budgets: list[int] = []
+        depths: list[int] = []
+        for chunk in batch.chunks:
+            req = chunk.req
+            depth = min(steps, req.max_new_tokens - len(req.output_ids) - 1)
+            # Verify writes positions up to n - 1 + max_drafts, the head up to n - 2 + k(s - 1).
+            need = req.num_tokens + max(self.max_drafts, k * (steps - 1) - 1)
+            ok = depth > 0 and not _penalised(req) and scheduler.reserve(req, need)
+            budgets.append(self.max_drafts if ok else 0)
+            depths.append(depth)
+        reqs = [c.req for c in batch.chunks]
+        tokens, parents = self.draft.propose_tree(reqs, budgets, depths, k, steps)
+        return Proposal(tokens, None, parents)
+
+    def verify(
+        self, runner: ModelRunner, batch: ScheduledBatch, proposal: Proposal
+    ) -> VerifyOutput:
+        """The target's verify pass over the proposal (chain or tree)."""
+        if proposal.parents is None:
+            return runner.verify(batch, proposal.drafts, proposal.draft_probs)
+        trees = list(zip(proposal.drafts, proposal.parents, strict=True))
+        return verify_tree(runner, batch, trees)
 
 
 def load_draft(
@@ -187,7 +242,9 @@ def build_speculator(
     backend = config.attention_backend if device.type == "cuda" else "torch"
     slots = config.max_running_requests or 1
     if isinstance(weights, EagleHead):
-        return Speculator(config, EagleDraft(weights, pool, backend, slots, max_request_tokens))
+        topk = config.speculative_eagle_topk or 1
+        eagle = EagleDraft(weights, pool, backend, slots, max_request_tokens, topk)
+        return Speculator(config, eagle)
     draft = DraftModel(weights, pool, backend, slots, max_request_tokens)
     return Speculator(config, draft)
 
