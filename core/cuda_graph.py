@@ -17,6 +17,7 @@ import bisect
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -113,7 +114,7 @@ class DecodeGraphRunner:
 
     def __init__(
         self,
-        model: LlamaForCausalLM,
+        model: LlamaForCausalLM | Any,
         attention: AttentionBackend,
         slots: SlotTable,
         max_bs: int,
@@ -124,17 +125,20 @@ class DecodeGraphRunner:
         self.attention = attention
         self.slots = slots
         self.batch_sizes = capture_batch_sizes(max_bs)
-        device = slots.table.device
+        self.buffers = self._make_buffers(max_bs)
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+
+    def _make_buffers(self, max_bs: int) -> DecodeGraphBuffers:
+        model, device = self.model, self.slots.table.device
         dtype = model.lm_head_weight.dtype
-        self.buffers = DecodeGraphBuffers(
+        return DecodeGraphBuffers(
             packed=torch.zeros(NUM_INPUTS * max_bs, dtype=torch.int64, device=device),
-            slot_table=slots.table,
+            slot_table=self.slots.table,
             logits=torch.zeros(max_bs, model.config.vocab_size, dtype=dtype, device=device),
             features=torch.zeros(max_bs, model.feature_size, dtype=dtype, device=device)
             if model.feature_layers
             else None,
         )
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
 
     @property
     def max_bs(self) -> int:

@@ -108,8 +108,12 @@ class Engine(HotRestartMixin):
         self.model_name = self.loaded.source.name
         if progress is not None:
             progress("allocating KV cache", 0.95)
-        self._build_runtime()
-        self._capture_cuda_graphs(progress)
+        try:
+            self._build_runtime()
+            self._capture_cuda_graphs(progress)
+        except BaseException:
+            self._release_partial()  # a failed start keeps no GPU memory
+            raise
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._handles: dict[str, RequestHandle] = {}
         # rid -> Request of every unfinished request; the engine thread writes it, other threads
@@ -133,6 +137,15 @@ class Engine(HotRestartMixin):
             f"engine ready: {self.model_name} on {self.config.device}",
             {"load_seconds": round(self.loaded.load_seconds, 3)},
         )
+
+    def _release_partial(self) -> None:
+        """Free whatever a failed start built: draft weights, speculator, runner and pool (the
+        pool's release gives the freed GPU memory back)."""
+        self._draft_cache = None
+        for part in ("spec", "runner", "pool"):
+            obj = getattr(self, part, None)
+            if obj is not None:
+                obj.release()
 
     def _build_runtime(self) -> None:
         cfg, loaded = self.config, self.loaded
@@ -190,6 +203,8 @@ class Engine(HotRestartMixin):
             self._event("cuda_graph", f"CUDA graphs off: {reason}; decode runs eager", {})
             return
         max_bs = min(cfg.cuda_graph_max_bs, cfg.max_running_requests)
+        if self.spec is not None:
+            self.spec.capture_cuda_graphs(max_bs)
         if cfg.speculative_algorithm != "none":
             # A verify pass replays decode graphs with one row per verified token.
             max_bs *= cfg.speculative_num_draft_tokens or 1

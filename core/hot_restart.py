@@ -157,6 +157,8 @@ class HotRestartMixin:
     def _recapture(self, plan: RestartPlan, progress: Progress | None) -> None:
         """Only the graphs change: every request keeps its KV and its slot-table row."""
         self.runner.drop_cuda_graphs()
+        if self.spec is not None:
+            self.spec.drop_cuda_graphs()
         self.config = plan.new
         try:
             self._capture_cuda_graphs(progress)

@@ -100,19 +100,23 @@ def _echo_head(folder: Path, mc: ModelConfig) -> Path:
 
 
 def _spy_on_drafts(eng: Engine) -> list[tuple[list[int], list[list[int]]]]:
-    """Record (each request's last token, its drafts) of every proposal; the real proposer
-    runs."""
+    """Record (each request's last token, its drafts: a chain, or a tree's tokens) of every
+    proposal; the real proposer runs."""
     draft = eng.spec.draft  # type: ignore[union-attr]
-    real = draft.propose
     calls: list[tuple[list[int], list[list[int]]]] = []
 
-    def spy(reqs: list[Request], counts: list[int]):
-        last = [r.token_ids(r.num_tokens - 1, r.num_tokens)[0] for r in reqs]
-        drafts, q = real(reqs, counts)
-        calls.append((last, drafts))
-        return drafts, q
+    def spying(real):
+        def spy(reqs: list[Request], *args):
+            last = [r.token_ids(r.num_tokens - 1, r.num_tokens)[0] for r in reqs]
+            result = real(reqs, *args)
+            calls.append((last, result[0]))
+            return result
 
-    draft.propose = spy
+        return spy
+
+    draft.propose = spying(draft.propose)
+    if hasattr(draft, "propose_tree"):
+        draft.propose_tree = spying(draft.propose_tree)
     return calls
 
 
@@ -277,3 +281,34 @@ def test_gpu_eagle_verify_passes_read_features_from_decode_graphs(tmp_path: Path
     assert sum(g == e for g, e in zip(got3, expected, strict=True)) >= 5
     assert sum(s.drafted_tokens for s in steps) > 0
     assert any(s.cuda_graph for s in steps) and any(not s.cuda_graph for s in steps)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("topk", [1, 3])
+def test_gpu_head_graphs_draft_what_eager_steps_draft(topk: int) -> None:
+    """The head's draft steps replayed from its decode graphs propose the drafts its eager
+    steps propose (a random EAGLE-3 head, fp32, the same target run both ways)."""
+    prompts = [[1, *range(300 + 9 * i, 330 + 9 * i)] for i in range(5)]
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    cfg = EngineConfig(
+        model="smollm2-135m",
+        load_format="dummy",
+        dtype="float32",
+        cuda_graph_max_bs=8,
+        speculative_algorithm="eagle3",
+        speculative_num_steps=3,
+        speculative_eagle_topk=topk,
+        speculative_num_draft_tokens=4 if topk == 1 else 6,
+    )
+    drafted = []
+    for disable in (False, True):
+        with Engine(cfg.replace(disable_cuda_graph=disable)) as eng:
+            assert (eng.spec.draft.graphs is None) == disable  # type: ignore[union-attr]
+            calls = _spy_on_drafts(eng)
+            eng.generate(prompts, params)
+            drafted.append([d for _, drafts in calls for d in drafts])
+    graph, eager = drafted
+    assert len(graph) > 20
+    same = sum(a == b for a, b in zip(graph, eager, strict=False))
+    assert same >= 0.9 * min(len(graph), len(eager))

@@ -15,12 +15,18 @@ from __future__ import annotations
 
 import torch
 
+from ..attention import make_backend
 from ..kv_cache import KVPool, slots_for_positions
 from ..request import Request
 from ..transfer import int64_to_device
 from .draft import pick_drafts, shadow_runner
 from .eagle_head import EagleHead
+from .head_graphs import HeadGraphRunner
 from .tree import Candidate, select_tree
+
+# Head graphs hold at most this many requests' rows (larger decode batches draft eagerly): the
+# catch-up graphs' rows are requests x num-draft-tokens, each with a vocabulary-wide logits row.
+HEAD_GRAPH_REQUESTS = 32
 
 
 class EagleDraft:
@@ -38,6 +44,7 @@ class EagleDraft:
         topk: int = 1,
     ) -> None:
         self.head = head
+        self.topk = topk
         self.pool, self.runner = shadow_runner(
             head,
             head.config,
@@ -48,10 +55,87 @@ class EagleDraft:
             max_request_tokens,
             scratch_rows=max_running_requests * topk if topk > 1 else 0,
         )
+        self.attention_backend = attention_backend
+        self.graphs: HeadGraphRunner | None = None  # draft steps
+        self.catch_up_graphs: HeadGraphRunner | None = None
+
+    def capture_cuda_graphs(self, max_requests: int, max_catch_up: int) -> None:
+        """Graphs for the draft steps of up to `max_requests` requests (times topk tree rows,
+        at most HEAD_GRAPH_REQUESTS requests) and for catch-up passes of up to `max_catch_up`
+        tokens per request (after a verify pass: the accepted drafts and the bonus token)."""
+        self.graphs = self.catch_up_graphs = None
+        requests = min(max_requests, HEAD_GRAPH_REQUESTS)
+        if self.runner.cuda_graph_unsupported() is not None or requests < 1:
+            return
+        head, slots = self.head, self.runner.slots
+        steps = HeadGraphRunner(
+            head, self.runner.attention, slots, requests * self.topk, head.config.hidden_size
+        )
+        steps.capture()
+        # Its own backend object: capturing sets up a backend's graph workspaces.
+        backend = make_backend(self.attention_backend, self.pool)
+        catch_up = HeadGraphRunner(
+            head, backend, slots, requests * max_catch_up, head.layout.feature_width
+        )
+        catch_up.capture()
+        self.graphs, self.catch_up_graphs = steps, catch_up
+
+    def drop_cuda_graphs(self) -> None:
+        self.graphs = self.catch_up_graphs = None
+        self.runner.drop_cuda_graphs()
 
     def release(self) -> None:
+        self.graphs = self.catch_up_graphs = None
         self.runner.release()
         self.pool.release()
+
+    def _catch_up(self, reqs: list[Request]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The head over each request's positions [draft_computed, num_tokens - 1) with the
+        target's features: (logits, hidden) of each request's last position ([A, V], [A, H]).
+        From the catch-up graphs when they hold every request's tokens as decode rows (a
+        request's rows read its own slot-table row; all K/V is written before attention)."""
+        tokens = [r.token_ids(r.draft_computed + 1, r.num_tokens) for r in reqs]
+        features = torch.cat([r.draft_features for r in reqs])  # type: ignore[misc]
+        width = max(map(len, tokens))
+        graphs = self.catch_up_graphs
+        if graphs is None or graphs.padded_size(len(reqs) * width) is None:
+            items = [(r, t, r.draft_computed) for r, t in zip(reqs, tokens, strict=True)]
+            return self.runner.run_tokens(items, [len(t) - 1 for t in tokens], hidden=features)
+        ids, positions, writes, rows, feature_rows, last = [], [], [], [], [], []
+        first = 0
+        for r, toks in zip(reqs, tokens, strict=True):
+            n, start = len(toks), r.draft_computed
+            lin = slots_for_positions(r.pages, start, start + n, self.pool.page_size)
+            row = self.runner.slots.row(r)
+            last.append(len(ids) + n - 1)
+            for j in range(width):
+                jj = min(j, n - 1)  # padding repeats the last token: same slot, same K/V
+                ids.append(toks[jj])
+                positions.append(start + jj)
+                writes.append(lin[jj])
+                rows.append(row)
+                feature_rows.append(first + jj)
+            first += n
+        index = int64_to_device(feature_rows + last, features.device)
+        feature_index, last_index = index.split([len(feature_rows), len(last)])
+        logits, hidden = graphs.run(
+            ids, positions, writes, rows, features.index_select(0, feature_index)
+        )
+        return logits.index_select(0, last_index), hidden.index_select(0, last_index)
+
+    def _run_rows(
+        self,
+        ids: list[int],
+        positions: list[int],
+        writes: list[int],
+        rows: list[int],
+        hidden: torch.Tensor,  # [n, H]
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # logits [n, V], hidden [n, H]
+        """One decode-shaped draft step: from a graph when one holds the rows, else eager."""
+        graphs = self.graphs
+        if graphs is not None and graphs.padded_size(len(ids)) is not None:
+            return graphs.run(ids, positions, writes, rows, hidden)
+        return self.runner.run_rows(ids, positions, writes, rows, hidden=hidden)
 
     @staticmethod
     def ready(req: Request) -> bool:
@@ -78,15 +162,7 @@ class EagleDraft:
         rows = [b for b, k in enumerate(counts) if k > 0 and self.ready(reqs[b])]
         if not rows:
             return drafts, {}
-        items = [
-            (reqs[b], reqs[b].token_ids(reqs[b].draft_computed + 1, reqs[b].num_tokens),
-             reqs[b].draft_computed)
-            for b in rows
-        ]  # fmt: skip
-        hidden = torch.cat([reqs[b].draft_features for b in rows])  # type: ignore[misc]
-        logits, hidden = self.runner.run_tokens(
-            items, [len(t) - 1 for _, t, _ in items], hidden=hidden
-        )  # [A, V], [A, H]
+        logits, hidden = self._catch_up([reqs[b] for b in rows])  # [A, V], [A, H]
         step = 0
         while True:
             tokens = pick_drafts(logits, [reqs[b] for b in rows], rows, q_rows)
@@ -98,10 +174,19 @@ class EagleDraft:
                 break
             # Draft token `step` sits at position num_tokens - 1 + step of the target, so the
             # head reads it at one position less.
-            items = [(reqs[b], [tokens[i]], reqs[b].num_tokens + step - 2) for i, b in more]
+            positions = [reqs[b].num_tokens + step - 2 for _, b in more]
+            writes = [
+                slots_for_positions(reqs[b].pages, p, p + 1, self.pool.page_size)[0]
+                for (_, b), p in zip(more, positions, strict=True)
+            ]
+            slot_rows = [self.runner.slots.row(reqs[b]) for _, b in more]
             picked = torch.tensor([i for i, _ in more], device=hidden.device)
-            logits, hidden = self.runner.run_tokens(
-                items, [0] * len(items), hidden=hidden.index_select(0, picked)
+            logits, hidden = self._run_rows(
+                [tokens[i] for i, _ in more],
+                positions,
+                writes,
+                slot_rows,
+                hidden.index_select(0, picked),
             )
             rows = [b for _, b in more]
         for b in range(len(reqs)):
@@ -133,14 +218,8 @@ class EagleDraft:
             return tokens, parents
         k = topk
         active = [reqs[b] for b in rows]
-        items = [
-            (r, r.token_ids(r.draft_computed + 1, r.num_tokens), r.draft_computed) for r in active
-        ]
-        hidden = torch.cat([r.draft_features for r in active])  # type: ignore[misc]
-        logits, hidden = self.runner.run_tokens(
-            items, [len(t) - 1 for _, t, _ in items], hidden=hidden
-        )  # [A, V], [A, H]
-        score, token = logits.log_softmax(dim=-1).topk(k, dim=-1)  # [A, k] each
+        logits, hidden = self._catch_up(active)  # [A, V], [A, H]
+        score, token = logits.float().log_softmax(dim=-1).topk(k, dim=-1)  # [A, k] each
         score_h, token_h = score.tolist(), token.tolist()
         cands = [
             [Candidate(score_h[a][i], token_h[a][i], -1, 1) for i in range(k)]
@@ -174,10 +253,10 @@ class EagleDraft:
             if path_rows:
                 packed = int64_to_device(path_rows + path_pos + path_slots, self.runner.device)
                 slots.write(*packed.split(len(path_rows)))
-            logits, out = self.runner.run_rows(
-                leaf_token, positions, writes, scratch, hidden=leaf_hidden
-            )  # [A * k, V], [A * k, H]
-            child_score, child_token = logits.log_softmax(dim=-1).topk(k, dim=-1)  # [A*k, k]
+            logits, out = self._run_rows(leaf_token, positions, writes, scratch, leaf_hidden)
+            child_score, child_token = (
+                logits.float().log_softmax(dim=-1).topk(k, dim=-1)
+            )  # [A*k, k]
             total = (leaf_score.reshape(-1, 1) + child_score).view(len(rows), k * k)
             total_h, child_h = total.tolist(), child_token.view(len(rows), k * k).tolist()
             best = [_best(total_h[a], k) for a in range(len(rows))]

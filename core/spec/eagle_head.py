@@ -56,6 +56,11 @@ class EagleLayout:
     fc_bias: bool
     own_lm_head: bool
 
+    @property
+    def feature_width(self) -> int:
+        """Width of the target features a catch-up row reads (one hidden state per layer)."""
+        return len(self.target_layers) * self.config.hidden_size
+
 
 class EagleHead(nn.Module):
     """forward(ids [T], positions [T], attn, logit_indices [S], hidden [T, F]) ->
@@ -101,7 +106,10 @@ class EagleHead(nn.Module):
         attn: AttentionBackend,
         logit_indices: torch.Tensor,  # [S]
         hidden: torch.Tensor,  # [T, F]
+        out: tuple[torch.Tensor, torch.Tensor] | None = None,  # static [S, V], [S, H] (graphs)
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`out`: buffers to write the outputs into, in the model's dtype; with a reduced
+        vocabulary only its columns are written (the rest must hold -inf already)."""
         embeds = self._target[0].embed_tokens(input_ids)  # [T, H]
         rope = self.rotary.step(positions, embeds.dtype)
         h = self.config.hidden_size
@@ -110,8 +118,8 @@ class EagleHead(nn.Module):
             residual = x
             x = self.self_attn(x, rope, attn)  # EAGLE's layer has no input norm
             x, residual = self.post_attention_layernorm.add_and_norm(x, residual)
-            out = self.mlp(x) + residual  # [T, H]
-            normed = out
+            h_out = self.mlp(x) + residual  # [T, H]
+            normed = h_out
         else:
             x = hidden.to(embeds.dtype)
             if x.shape[-1] != h:
@@ -120,12 +128,21 @@ class EagleHead(nn.Module):
             x = torch.cat([self.input_layernorm(embeds), self.hidden_norm(x)], dim=-1)
             x = self.self_attn(x, rope, attn)
             x, residual = self.post_attention_layernorm.add_and_norm(x, residual)
-            normed, out = self.norm.add_and_norm(self.mlp(x), residual)
-        logits = torch.nn.functional.linear(normed[logit_indices], self.lm_head_weight).float()
+            normed, h_out = self.norm.add_and_norm(self.mlp(x), residual)
+        logits = torch.nn.functional.linear(normed[logit_indices], self.lm_head_weight)
+        if out is not None:
+            logits_out, hidden_out = out
+            if self.hot_ids is None:
+                logits_out.copy_(logits)
+            else:
+                logits_out.index_copy_(1, self.hot_ids, logits)
+            hidden_out.copy_(h_out[logit_indices])
+            return logits_out, hidden_out
+        logits = logits.float()
         if self.hot_ids is not None:  # scatter the draft vocabulary into the target's
             full = logits.new_full((logits.shape[0], self.config.vocab_size), float("-inf"))
             logits = full.index_copy_(1, self.hot_ids, logits)
-        return logits, out[logit_indices]
+        return logits, h_out[logit_indices]
 
     def init_random(self, seed: int = 0, std: float = 0.02) -> None:
         """Random weights (a head for --load-format dummy benchmarks); norms 1, biases 0."""

@@ -95,6 +95,15 @@ class Speculator:
         self.num_steps = config.speculative_num_steps or 1
         self.draft = draft
 
+    def capture_cuda_graphs(self, max_requests: int) -> None:
+        """Decode graphs for an EAGLE head's draft steps (other proposers have none)."""
+        if isinstance(self.draft, EagleDraft):
+            self.draft.capture_cuda_graphs(max_requests, self.max_drafts + 1)
+
+    def drop_cuda_graphs(self) -> None:
+        if isinstance(self.draft, EagleDraft):
+            self.draft.drop_cuda_graphs()
+
     def record(self, batch: ScheduledBatch, features: tuple[torch.Tensor, ...]) -> None:
         """Keep each chunk's target features (from the pass that just ran) for an EAGLE head;
         requests that never draft (penalties) keep none."""
