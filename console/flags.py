@@ -55,7 +55,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("disable_cuda_graph", bool, "run decode eagerly", False),
     Flag("disable_radix_cache", bool, "no prefix cache", True),
     Flag("speculative_algorithm", str, "|".join(SPECULATIVE_ALGORITHMS), "none"),
-    Flag("speculative_draft_model_path", str, "draft model for draft/eagle"),
+    Flag("speculative_draft_model_path", str, "draft model (draft) or head folder (eagle/eagle3)"),
     Flag("speculative_num_steps", int, "draft steps per verify"),
     Flag("speculative_eagle_topk", int, "branching of the draft tree"),
     Flag("speculative_num_draft_tokens", int, "tokens verified per step"),

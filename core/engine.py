@@ -32,6 +32,7 @@ from .sampling_params import SamplingParams
 from .scheduler import ScheduledBatch, Scheduler
 from .spec.speculator import (
     DraftCache,
+    Proposal,
     Speculator,
     build_speculator,
     check_speculative,
@@ -453,7 +454,7 @@ class Engine(HotRestartMixin):
                     out,
                     generated,
                     time.perf_counter() - started,
-                    proposal.drafts,
+                    proposal,
                     out.accepted,
                 )
             else:
@@ -675,22 +676,21 @@ class Engine(HotRestartMixin):
         out: StepOutput | VerifyOutput,
         generated: int,
         duration: float,
-        drafts: list[list[int]] | None = None,
+        proposal: Proposal | None = None,
         accepted: tuple[int, ...] = (),
     ) -> None:
         self.counters["steps"] += 1
         self.counters["generated_tokens"] += generated
         per_position: tuple[int, ...] = ()
         drafted = 0
-        if drafts is not None:
-            drafted = sum(map(len, drafts))
-            width = max(len(d) for d in drafts)
-            per_position = tuple(sum(a > k for a in accepted) for k in range(width))
+        if proposal is not None:
+            drafted = sum(map(len, proposal.drafts))
+            per_position = tuple(sum(a > k for a in accepted) for k in range(proposal.depth))
         self.telemetry.append(
             StepRecord(
                 step_id=next(self._step_ids),
                 time=time.time(),
-                kind="verify" if drafts is not None else batch.kind,
+                kind="verify" if proposal is not None else batch.kind,
                 batch_size=batch.batch_size,
                 num_tokens=batch.num_tokens + drafted,
                 num_generated=generated,

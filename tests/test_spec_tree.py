@@ -135,6 +135,8 @@ def test_trees_are_lossless_and_accept_side_branches(
         eng.check_integrity()
     assert got == reference
     assert all(s.drafted_tokens <= 5 * s.batch_size for s in steps)
+    # Acceptance per draft position goes as deep as the tree (3 levels), not as wide.
+    assert max(len(s.accepted_per_position) for s in steps) == 3
     assert sum(s.accepted_tokens for s in steps) > 10
     assert sum(moved) > 0, "no side branch was accepted: the KV move went untested"
     assert tree_lp.token_ids == plain_lp.token_ids

@@ -21,6 +21,7 @@ from .draft import DraftModel
 from .eagle import EagleDraft
 from .eagle_head import EagleHead, load_head_weights, random_layout, read_layout
 from .ngram import propose_ngram
+from .tree import tree_depths
 from .tree_verify import verify_tree
 
 BUILT = ("ngram", "draft", "eagle", "eagle3")
@@ -82,6 +83,14 @@ class Proposal:
     drafts: list[list[int]]
     draft_probs: dict[int, torch.Tensor] | None = None  # chain drafts of sampled requests
     parents: list[list[int]] | None = None
+
+    @property
+    def depth(self) -> int:
+        """Draft positions a request could accept this step (a chain's length, a tree's
+        depth)."""
+        if self.parents is None:
+            return max(map(len, self.drafts), default=0)
+        return max((max(tree_depths(p)) for p in self.parents), default=0)
 
 
 class Speculator:
