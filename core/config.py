@@ -21,7 +21,8 @@ _SPEC_ALIASES = {"standalone": "draft", "": "none"}
 
 # Draft steps per verify pass when --speculative-num-steps is unset (our defaults; SGLang picks
 # per model). ngram proposals are free, a draft model's cost one forward pass each.
-SPECULATIVE_DEFAULT_STEPS = {"ngram": 4, "draft": 3, "eagle": 3, "eagle3": 3}
+SPECULATIVE_DEFAULT_STEPS = {"ngram": 4, "draft": 3, "eagle": 5, "eagle3": 5}
+EAGLE_AUTO = (5, 4, 8)  # SGLang's auto (steps, topk, draft tokens) for EAGLE on Llama models
 CPU_DEFAULT_MAX_TOTAL_TOKENS = 32768
 CPU_DEFAULT_CHUNKED_PREFILL = 2048
 GPU_DEFAULT_CHUNKED_PREFILL = 8192
@@ -177,7 +178,15 @@ class EngineConfig:
     def _speculative_defaults(self) -> tuple[int | None, int | None, int | None]:
         """(num_steps, topk, num_draft_tokens) with the autos filled. A chain (topk 1) verifies
         the step's last token plus one draft per step, so num_draft_tokens = num_steps + 1, as
-        SGLang adjusts it; whichever of the two was given decides."""
+        SGLang adjusts it; whichever of the two was given decides. EAGLE with none of the three
+        set takes SGLang's auto choice for Llama-family targets: 5 steps, topk 4, 8 tokens."""
+        unset = (
+            self.speculative_num_steps,
+            self.speculative_eagle_topk,
+            self.speculative_num_draft_tokens,
+        ) == (None, None, None)
+        if self.speculative_algorithm in ("eagle", "eagle3") and unset:
+            return EAGLE_AUTO
         if self.speculative_algorithm == "none":
             return (
                 self.speculative_num_steps,

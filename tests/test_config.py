@@ -73,3 +73,15 @@ def test_auto_attention_backend_is_triton_on_cuda_torch_on_cpu(monkeypatch) -> N
     assert EngineConfig().resolve("cuda", 79.2).attention_backend == "torch"  # no triton
     explicit = EngineConfig(attention_backend="torch").resolve("cuda", 79.2)
     assert explicit.attention_backend == "torch"
+
+
+def test_speculative_autos_follow_sglang() -> None:
+    def resolved(**kw) -> tuple:
+        c = EngineConfig(**kw).resolve("cpu")
+        return c.speculative_num_steps, c.speculative_eagle_topk, c.speculative_num_draft_tokens
+
+    assert resolved(speculative_algorithm="eagle3") == (5, 4, 8)  # SGLang's Llama auto
+    assert resolved(speculative_algorithm="eagle", speculative_eagle_topk=1) == (5, 1, 6)
+    assert resolved(speculative_algorithm="eagle", speculative_num_draft_tokens=4) == (3, 1, 4)
+    assert resolved(speculative_algorithm="eagle", speculative_eagle_topk=2) == (5, 2, 11)
+    assert resolved(speculative_algorithm="ngram") == (4, 1, 5)  # a chain: steps + 1

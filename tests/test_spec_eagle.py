@@ -312,3 +312,27 @@ def test_gpu_head_graphs_draft_what_eager_steps_draft(topk: int) -> None:
     assert len(graph) > 20
     same = sum(a == b for a, b in zip(graph, eager, strict=False))
     assert same >= 0.9 * min(len(graph), len(eager))
+
+
+def test_heads_load_from_pytorch_model_bin(
+    engine: Engine, heads: dict[str, Path], tmp_path: Path
+) -> None:
+    """SafeAILab publishes its heads as pytorch_model.bin: the same tensors load the same."""
+    for name in ("eagle", "eagle3-reduced"):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text((heads[name] / "config.json").read_text())
+        torch.save(load_file(heads[name] / "model.safetensors"), folder / "pytorch_model.bin")
+        algorithm = name.split("-")[0]
+
+        def load(path: Path, algorithm: str = algorithm):
+            cfg = EngineConfig(
+                speculative_algorithm=algorithm, speculative_draft_model_path=str(path)
+            )
+            return load_eagle_head(cfg.resolve("cpu", 0.0), engine.loaded)
+
+        a, b = load(heads[name]), load(folder)
+        for (key, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+            assert torch.equal(x, y), key
+        if a.hot_ids is not None:
+            assert torch.equal(a.hot_ids, b.hot_ids)  # type: ignore[arg-type]
