@@ -99,6 +99,9 @@ def _echo_head(folder: Path, mc: ModelConfig) -> Path:
     return folder
 
 
+PENDING: list[int] = []  # feature rows waiting on a request at each proposal (spied)
+
+
 def _spy_on_drafts(eng: Engine) -> list[tuple[list[int], list[list[int]]]]:
     """Record (each request's last token, its drafts: a chain, or a tree's tokens) of every
     proposal; the real proposer runs."""
@@ -108,6 +111,8 @@ def _spy_on_drafts(eng: Engine) -> list[tuple[list[int], list[list[int]]]]:
     def spying(real):
         def spy(reqs: list[Request], *args):
             last = [r.token_ids(r.num_tokens - 1, r.num_tokens)[0] for r in reqs]
+            waiting = [r.draft_features.shape[0] for r in reqs if r.draft_features is not None]
+            PENDING.append(max(waiting, default=0))
             result = real(reqs, *args)
             calls.append((last, result[0]))
             return result
@@ -137,6 +142,9 @@ def test_drafts_line_up_with_the_targets_features(
         assert got == reference
         pairs = [(t, d) for last, drafts in calls for t, d in zip(last, drafts, strict=True) if d]
         assert len(pairs) > 40
+        # Prompts' features are absorbed after each prefill chunk: at most the last verify
+        # pass's kept positions (num-draft-tokens) wait for a proposal.
+        assert 0 < max(PENDING[-len(calls) :]) <= 5
         assert all(d == [t] * len(d) for t, d in pairs)
         records = of_type(eng.telemetry.snapshot(), RequestRecord)[-len(PROMPTS) :]
         assert sum(r.retractions for r in records) > 0, "the test wants retractions"

@@ -153,6 +153,28 @@ class EagleDraft:
         req.draft_features = features.clone() if have is None else torch.cat([have, features])
 
     @torch.inference_mode()
+    def absorb(self, reqs: list[Request], keep: int) -> None:
+        """Run the head over all but the last of each request's waiting positions when more
+        than `keep` wait (after a prefill chunk, or passes without drafts: the features would
+        otherwise pile up in memory, rows x F each, until the next proposal). Their head KV is final; the
+        last row stays for the proposal's catch-up, whose output drafts token 1."""
+        heavy = [
+            r for r in reqs if r.draft_features is not None and r.draft_features.shape[0] > keep
+        ]
+        if not heavy:
+            return
+        items, rows = [], []
+        for r in heavy:
+            n = r.draft_features.shape[0] - 1  # type: ignore[union-attr]
+            start = r.draft_computed
+            items.append((r, r.token_ids(start + 1, start + n + 1), start))
+            rows.append(r.draft_features[:n])  # type: ignore[index]
+        self.runner.run_tokens(items, [0] * len(items), hidden=torch.cat(rows))
+        for r, (_, tokens, start) in zip(heavy, items, strict=True):
+            r.draft_computed = start + len(tokens)
+            r.draft_features = r.draft_features[-1:].clone()  # type: ignore[index]
+
+    @torch.inference_mode()
     def propose(
         self, reqs: list[Request], counts: list[int]
     ) -> tuple[list[list[int]], dict[int, torch.Tensor]]:

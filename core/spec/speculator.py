@@ -121,6 +121,8 @@ class Speculator:
         for chunk, rows in zip(batch.chunks, features, strict=True):
             if not _penalised(chunk.req):
                 self.draft.record(chunk.req, chunk.start, rows)
+        # Bounded memory: a long prefill chunk, or passes that could not draft (a short pool).
+        self.draft.absorb([c.req for c in batch.chunks], self.max_drafts + 1)
 
     def release(self) -> None:
         if self.draft is not None:
