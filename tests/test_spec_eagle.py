@@ -267,7 +267,12 @@ def test_gpu_eagle_verify_passes_read_features_from_decode_graphs(tmp_path: Path
         expected = [r.token_ids for r in plain.generate(prompts, params)]
         mc = plain.loaded.model_config
     echo = _echo_head(tmp_path / "echo", mc)
-    cfg = base.replace(speculative_algorithm="eagle", speculative_draft_model_path=str(echo))
+    cfg = base.replace(
+        speculative_algorithm="eagle",
+        speculative_draft_model_path=str(echo),
+        speculative_eagle_topk=1,  # a chain: every draft repeats the last token
+        speculative_num_steps=3,
+    )
     with Engine(cfg) as eng:
         calls = _spy_on_drafts(eng)
         got = [r.token_ids for r in eng.generate(prompts, params)]
