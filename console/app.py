@@ -39,7 +39,7 @@ from .widgets.event_log import EventLog
 from .widgets.gauges import Gauges
 from .widgets.header import EngineHeader
 from .widgets.requests_table import RequestsTable
-from .widgets.spec_panel import SpecPanel
+from .widgets.spec_panel import SpecPanel, spec_shape
 from .widgets.step_strip import StepStrip
 from .widgets.throughput import ThroughputChart
 
@@ -317,7 +317,7 @@ class ConsoleApp(App[None]):
     def _spec(self) -> None:
         config = self._describe().get("config", {})
         algorithm = str(config.get("speculative_algorithm") or "none")
-        self.panels.spec.show(algorithm, self.model.spec)
+        self.panels.spec.show(algorithm, self.model.spec, spec_shape(config))
 
     # ---- actions -------------------------------------------------------------------------------
 

@@ -258,3 +258,28 @@ def test_gpu_tree_verify_on_flashinfer_in_bf16(tmp_path: Path) -> None:
     # bf16: near-ties may flip between batch shapes; most sequences must still match.
     assert sum(g == e for g, e in zip(got, expected, strict=True)) >= 4
     assert any(s.cuda_graph for s in steps)
+
+
+def test_console_speculative_panel_names_the_draft_shape() -> None:
+    from llmconsole.console.state import SpecStats
+    from llmconsole.console.widgets.spec_panel import spec_shape, spec_text
+
+    tree = {
+        "speculative_num_steps": 5,
+        "speculative_eagle_topk": 4,
+        "speculative_num_draft_tokens": 8,
+    }
+    chain = {
+        "speculative_num_steps": 3,
+        "speculative_eagle_topk": 1,
+        "speculative_num_draft_tokens": 4,
+    }
+    assert spec_shape(tree) == "tree 5 steps x topk 4, 8 tokens"
+    assert spec_shape(chain) == "chain of 3 drafts"
+    stats = SpecStats(
+        verify_steps=2, forward_passes=4, drafted=28, accepted=6, per_position=[3, 2, 1]
+    )
+    text = spec_text("eagle3", stats, spec_shape(tree)).plain
+    assert "eagle3 (tree 5 steps x topk 4, 8 tokens)" in text
+    assert "accept length 2.50" in text and "1:75%" in text
+    assert spec_text("none", stats, spec_shape(tree)).plain.startswith("speculative off")
