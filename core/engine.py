@@ -179,17 +179,28 @@ class Engine(HotRestartMixin):
         self._build_speculator()
 
     def _build_speculator(self) -> None:
-        """The proposer for the speculative flags, over the target's pages (a draft model's KV
-        pool is new, so no request has draft KV any more)."""
+        """The proposer for the speculative flags, over the target's pages. A drafter's KV pool
+        is new, so no request has draft KV any more, unless the same EAGLE head drafts over the
+        same target pool: its KV and the requests' waiting features then carry over."""
+        head_pool = None
         if self.spec is not None:
-            self.spec.release()
-        for req in self.scheduler.requests():
-            req.draft_computed = 0
-            req.draft_features = None
+            head_pool = self.spec.keepable_head_pool(self.config, self.loaded, self.pool)
+            self.spec.release(keep_head_pool=head_pool is not None)
+        if head_pool is None:
+            for req in self.scheduler.requests():
+                req.draft_computed = 0
+                req.draft_features = None
         self._draft_cache = load_draft(self.config, self.loaded, self._draft_cache)
         self.spec = build_speculator(
-            self.config, self.loaded, self.pool, self.max_request_tokens, self._draft_cache
+            self.config,
+            self.loaded,
+            self.pool,
+            self.max_request_tokens,
+            self._draft_cache,
+            head_pool,
         )
+        if head_pool is not None and self.spec is not None:
+            self.spec.adopt(self.scheduler.running)
 
     def _capture_cuda_graphs(self, progress: Progress | None) -> None:
         """Decode graphs for every bucket up to --cuda-graph-max-bs (times the verified tokens

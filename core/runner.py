@@ -109,18 +109,20 @@ class ModelRunner:
         self.graphs = graphs
         return report
 
-    def adopt(self, requests: list[Request]) -> None:
+    def adopt(self, requests: list[Request], lengths: list[int] | None = None) -> None:
         """Give running requests whose KV already sits in the pool (a rebuilt runner over the
-        same pool) their slot-table rows: positions [0, num_computed) -> their slots."""
+        same pool) their slot-table rows: positions [0, num_computed) (or [0, lengths[i]))
+        -> their slots."""
         page_size = self.pool.page_size
         rows: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        for req in requests:
+        for i, req in enumerate(requests):
+            n = req.num_computed if lengths is None else lengths[i]
             row = self.slots.row(req)
-            rows.extend([row] * req.num_computed)
-            positions.extend(range(req.num_computed))
-            slots.extend(slots_for_positions(req.pages, 0, req.num_computed, page_size))
+            rows.extend([row] * n)
+            positions.extend(range(n))
+            slots.extend(slots_for_positions(req.pages, 0, n, page_size))
         if rows:
             packed = int64_to_device(rows + positions + slots, self.device)
             self.slots.write(*packed.split(len(rows)))

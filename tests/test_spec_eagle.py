@@ -12,7 +12,7 @@ import pytest
 import torch
 import transformers
 from eagle_utils import save_eagle_head
-from engine_utils import wait_idle
+from engine_utils import wait_idle, wait_until
 from safetensors.torch import load_file, save_file
 
 from llmconsole.core import Engine, EngineConfig, SamplingParams
@@ -349,3 +349,33 @@ def test_heads_load_from_pytorch_model_bin(
             assert torch.equal(x, y), key
         if a.hot_ids is not None:
             assert torch.equal(a.hot_ids, b.hot_ids)  # type: ignore[arg-type]
+
+
+def test_running_requests_keep_drafting_across_a_restart_that_keeps_the_head(
+    tmp_path: Path, engine: Engine
+) -> None:
+    """Retuning the draft shape under load (what the console's flags editor does) keeps the
+    head's KV and each request's waiting features: requests in flight draft on, aligned."""
+    prompts = PROMPTS[:2]
+    long = SamplingParams(max_tokens=96, temperature=0, ignore_eos=True)
+    expected = [r.token_ids for r in engine.generate(prompts, long)]
+    cfg = EngineConfig(
+        speculative_algorithm="eagle",
+        speculative_draft_model_path=str(_echo_head(tmp_path / "echo", engine.loaded.model_config)),
+        speculative_num_steps=4,
+    )
+    with Engine(cfg) as eng:
+        handles = [eng.submit(p, long) for p in prompts]
+        assert wait_until(lambda: eng.stats()["running"] == 2 and min(
+            len(r.output_ids) for r in eng._requests.values()) >= 8)  # fmt: skip
+        result = eng.restart({"speculative_num_steps": 2, "speculative_eagle_topk": 2})
+        assert result.kv_kept
+        calls = _spy_on_drafts(eng)
+        got = [[t for d in h for t in d.token_ids] for h in handles]
+        wait_idle(eng)
+        eng.check_integrity()
+    assert got == expected
+    in_flight = [d for _, drafts in calls for d in drafts if d]
+    assert len(in_flight) > 10, "the requests in flight stopped drafting after the restart"
+    # A tree now (topk 2): its first token is the best candidate, the last token again.
+    assert all(d[0] == t for last, drafts in calls for t, d in zip(last, drafts, strict=True) if d)

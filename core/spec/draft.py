@@ -30,9 +30,10 @@ def shadow_runner(
     max_running_requests: int,
     max_request_tokens: int,
     scratch_rows: int = 0,
+    pool: KVPool | None = None,
 ) -> tuple[KVPool, ModelRunner]:
     """A drafter's KV pool (its own shape, as many pages as the target's, so the target's page
-    ids index it) and a runner over it."""
+    ids index it; `pool` reuses one) and a runner over it."""
     spec = KVPoolSpec(
         config.num_layers,
         config.num_kv_heads,
@@ -41,7 +42,8 @@ def shadow_runner(
         target_pool.spec.num_pages,
         dtype,
     )
-    pool = KVPool(spec, target_pool.device)
+    if pool is None or pool.spec != spec:
+        pool = KVPool(spec, target_pool.device)
     runner = ModelRunner(
         model,  # type: ignore[arg-type]
         pool,

@@ -42,9 +42,14 @@ class EagleDraft:
         max_running_requests: int,
         max_request_tokens: int,
         topk: int = 1,
+        pool: KVPool | None = None,
     ) -> None:
+        """`pool`: the head KV of an EagleDraft this one replaces (same head, same target
+        pool); its requests keep their draft state, and `adopt` gives them their rows."""
         self.head = head
+        self.key = head.key
         self.topk = topk
+        self.target_pool = target_pool
         self.pool, self.runner = shadow_runner(
             head,
             head.config,
@@ -54,6 +59,7 @@ class EagleDraft:
             max_running_requests,
             max_request_tokens,
             scratch_rows=max_running_requests * topk if topk > 1 else 0,
+            pool=pool,
         )
         self.attention_backend = attention_backend
         self.graphs: HeadGraphRunner | None = None  # draft steps
@@ -84,10 +90,15 @@ class EagleDraft:
         self.graphs = self.catch_up_graphs = None
         self.runner.drop_cuda_graphs()
 
-    def release(self) -> None:
+    def release(self, keep_pool: bool = False) -> None:
         self.graphs = self.catch_up_graphs = None
         self.runner.release()
-        self.pool.release()
+        if not keep_pool:
+            self.pool.release()
+
+    def adopt(self, reqs: list[Request]) -> None:
+        """Slot-table rows for requests whose head KV [0, draft_computed) is in the pool."""
+        self.runner.adopt(reqs, [r.draft_computed for r in reqs])
 
     def _catch_up(self, reqs: list[Request]) -> tuple[torch.Tensor, torch.Tensor]:
         """The head over each request's positions [draft_computed, num_tokens - 1) with the
@@ -156,8 +167,8 @@ class EagleDraft:
     def absorb(self, reqs: list[Request], keep: int) -> None:
         """Run the head over all but the last of each request's waiting positions when more
         than `keep` wait (after a prefill chunk, or passes without drafts: the features would
-        otherwise pile up in memory, rows x F each, until the next proposal). Their head KV is final; the
-        last row stays for the proposal's catch-up, whose output drafts token 1."""
+        otherwise pile up in memory, rows x F each, until the next proposal). Their head KV is
+        final; the last row stays for the proposal's catch-up, whose output drafts token 1."""
         heavy = [
             r for r in reqs if r.draft_features is not None and r.draft_features.shape[0] > keep
         ]

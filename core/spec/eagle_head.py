@@ -74,6 +74,7 @@ class EagleHead(nn.Module):
         kernels = Kernels.for_device(torch.empty(0).device)
         self.layout = layout
         self.config = c
+        self.key: object = None  # what loaded it (speculator.eagle_key), set by the loader
         self.fc = Linear(layout.fc_in, h, dtype, bias=layout.fc_bias)
         self.self_attn = Attention(c, 0, dtype, kernels)
         self.post_attention_layernorm = RMSNorm(h, c.rms_norm_eps, dtype, kernels)

@@ -124,9 +124,26 @@ class Speculator:
         # Bounded memory: a long prefill chunk, or passes that could not draft (a short pool).
         self.draft.absorb([c.req for c in batch.chunks], self.max_drafts + 1)
 
-    def release(self) -> None:
-        if self.draft is not None:
+    def release(self, keep_head_pool: bool = False) -> None:
+        if isinstance(self.draft, EagleDraft):
+            self.draft.release(keep_pool=keep_head_pool)
+        elif self.draft is not None:
             self.draft.release()
+
+    def adopt(self, running: list[Request]) -> None:
+        """Rows in a kept EAGLE head pool for the running requests (see keepable_head_pool)."""
+        if isinstance(self.draft, EagleDraft):
+            self.draft.adopt(running)
+
+    def keepable_head_pool(self, config: EngineConfig, target: LoadedModel, pool: KVPool):
+        """The EAGLE head's KV pool when `config` asks for the same head over the same target
+        pool (a restart that keeps the KV): running requests then keep drafting. Else None."""
+        draft = self.draft
+        if not isinstance(draft, EagleDraft) or draft.target_pool is not pool:
+            return None
+        if config.speculative_algorithm not in EAGLE or draft.key != eagle_key(config, target):
+            return None
+        return draft.pool
 
     def propose(self, batch: ScheduledBatch, scheduler: Scheduler) -> Proposal:
         """Drafts per decode chunk, within each request's remaining max_tokens, and (draft
@@ -184,10 +201,12 @@ def load_draft(
     target's KV pool is sized, so GPU pool sizing sees the memory they take."""
     algorithm = config.speculative_algorithm
     if algorithm in EAGLE:
-        key = (algorithm, config.speculative_draft_model_path, id(target.model), config.seed)
+        key = eagle_key(config, target)
         if cache is not None and cache[0] == key:
             return cache
-        return key, load_eagle_head(config, target)
+        head = load_eagle_head(config, target)
+        head.key = key
+        return key, head
     if algorithm != "draft":
         return None
     draft_cfg = EngineConfig(
@@ -202,6 +221,16 @@ def load_draft(
     loaded = load_model(draft_cfg)
     _check_draft_matches(target, loaded)
     return draft_cfg, loaded
+
+
+def eagle_key(config: EngineConfig, target: LoadedModel) -> Hashable:
+    """What decides an EAGLE head's weights: the same key, the same head."""
+    return (
+        config.speculative_algorithm,
+        config.speculative_draft_model_path,
+        id(target.model),
+        config.seed,
+    )
 
 
 def load_eagle_head(config: EngineConfig, target: LoadedModel) -> EagleHead:
@@ -245,9 +274,11 @@ def build_speculator(
     pool: KVPool,
     max_request_tokens: int,
     cache: DraftCache | None,
+    head_pool: KVPool | None = None,
 ) -> Speculator | None:
     """The speculator for `config` (None when speculation is off); `cache` holds the drafter's
-    weights (`load_draft`). Sets which features the target's passes capture (EAGLE's)."""
+    weights (`load_draft`). Sets which features the target's passes capture (EAGLE's).
+    `head_pool`: an EAGLE head's KV pool to keep (the same head over the same target pool)."""
     algorithm = config.speculative_algorithm
     weights = None if cache is None else cache[1]
     target.model.capture_features(
@@ -263,7 +294,7 @@ def build_speculator(
     slots = config.max_running_requests or 1
     if isinstance(weights, EagleHead):
         topk = config.speculative_eagle_topk or 1
-        eagle = EagleDraft(weights, pool, backend, slots, max_request_tokens, topk)
+        eagle = EagleDraft(weights, pool, backend, slots, max_request_tokens, topk, head_pool)
         return Speculator(config, eagle)
     draft = DraftModel(weights, pool, backend, slots, max_request_tokens)
     return Speculator(config, draft)
