@@ -327,6 +327,25 @@ def test_gpu_head_graphs_draft_what_eager_steps_draft(topk: int) -> None:
     assert same >= 0.9 * min(len(graph), len(eager))
 
 
+def test_a_heads_short_stated_context_does_not_limit_drafting(
+    engine: Engine, heads: dict[str, Path], tmp_path: Path
+) -> None:
+    """EAGLE-3's published Llama-3.1 head states max_position_embeddings 2048: it drafts at the
+    target's positions all the same (on a GPU its rope table must reach them)."""
+    import json
+
+    folder = tmp_path / "short"
+    folder.mkdir()
+    config = json.loads((heads["eagle3"] / "config.json").read_text())
+    config["max_position_embeddings"] = 64
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "model.safetensors").write_bytes((heads["eagle3"] / "model.safetensors").read_bytes())
+    cfg = EngineConfig(speculative_algorithm="eagle3", speculative_draft_model_path=str(folder))
+    head = load_eagle_head(cfg.resolve("cpu", 0.0), engine.loaded)
+    target = engine.loaded.model_config.max_position_embeddings
+    assert head.config.max_position_embeddings == target > 64
+
+
 def test_heads_load_from_pytorch_model_bin(
     engine: Engine, heads: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -349,6 +368,20 @@ def test_heads_load_from_pytorch_model_bin(
             assert torch.equal(x, y), key
         if a.hot_ids is not None:
             assert torch.equal(a.hot_ids, b.hot_ids)  # type: ignore[arg-type]
+    # An EAGLE-3 head saved with `layers.0.` names and a `model.` prefix (other trainers).
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    (renamed / "config.json").write_text((heads["eagle3"] / "config.json").read_text())
+    weights = load_file(heads["eagle3"] / "model.safetensors")
+    save_file(
+        {"model." + k.replace("midlayer.", "layers.0."): v for k, v in weights.items()},
+        str(renamed / "model.safetensors"),
+    )
+    cfg = EngineConfig(speculative_algorithm="eagle3", speculative_draft_model_path=str(renamed))
+    head = load_eagle_head(cfg.resolve("cpu", 0.0), engine.loaded)
+    assert torch.equal(
+        head.self_attn.qkv_proj.weight, load(heads["eagle3"], "eagle3").self_attn.qkv_proj.weight
+    )
 
 
 def test_running_requests_keep_drafting_across_a_restart_that_keeps_the_head(

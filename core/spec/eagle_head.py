@@ -169,7 +169,12 @@ def read_layout(folder: Path, version: int, target: ModelConfig) -> EagleLayout:
             "holds config.json and its weights)"
         )
     names = {name: tuple(t.shape) for name, t in _iter_tensors(folder, shapes_only=True)}
-    found = 3 if any(".midlayer." in f".{n}" for n in names) else 1
+    archs = json.loads(config_file.read_text()).get("architectures") or []
+    # EAGLE-3: SafeAILab's `midlayer.*`, a hidden_norm (any naming), or the architecture name.
+    eagle3_marks = (".midlayer.", "hidden_norm.")
+    found = 3 if any(m in f".{n}" for n in names for m in eagle3_marks) else 1
+    if any("eagle3" in str(a).lower() for a in archs):
+        found = 3
     if not any(n.endswith("fc.weight") for n in names):
         raise ConfigError(
             f"--speculative-draft-model-path {folder} is not an EAGLE head (no fc.weight)"
@@ -185,6 +190,12 @@ def read_layout(folder: Path, version: int, target: ModelConfig) -> EagleLayout:
     raw = json.loads(config_file.read_text())
     hf = LlamaConfig(**{k: v for k, v in raw.items() if k != "architectures"})
     config = ModelConfig.from_hf(hf, architecture=f"Eagle{version}Head")
+    # Published heads state short contexts (EAGLE-3's Llama-3.1 head says 2048); the head
+    # drafts wherever the target runs, so its rope table covers the target's context.
+    config = dataclasses.replace(
+        config,
+        max_position_embeddings=max(config.max_position_embeddings, target.max_position_embeddings),
+    )
     fc_in = names[_find(names, "fc.weight")][1]
     draft_vocab = int(raw.get("draft_vocab_size") or config.vocab_size)
     own_lm_head = version == 3 and _find(names, "lm_head.weight", required=False) is not None
