@@ -30,6 +30,7 @@ from llmconsole.core.request import Request
 from llmconsole.core.runner import ModelRunner, StepOutput
 from llmconsole.core.sampling_params import SamplingParams
 from llmconsole.core.scheduler import ScheduledBatch, Scheduler
+from llmconsole.core.spec.chain_verify import verify_chain
 
 from .bench_common import append_jsonl, check_min, err, fail, json_rows, machine_info
 
@@ -153,7 +154,7 @@ def time_verify(
     for _ in range(steps):
         drafts = [torch.randint(0, vocab, (tokens - 1,), generator=gen).tolist() for _ in reqs]
         started = time.perf_counter()
-        out = runtime.runner.verify(batch, drafts)  # returns after its host sync
+        out = verify_chain(runtime.runner, batch, drafts)  # returns after its host sync
         times.append(time.perf_counter() - started)
         graph = out.cuda_graph
     for req in reqs:

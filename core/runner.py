@@ -3,13 +3,12 @@
 It owns the model, the KV pool, the attention backend, the slot table and the decode CUDA graphs;
 the scheduler owns which requests run. Host work per step is O(new tokens): the KV slots of
 earlier tokens already sit in the device slot table. Decode batches replay a captured graph when
-one holds them (`StepOutput.cuda_graph`, `padded_bs`); this is also the seam for speculative
-verify passes.
+one holds them (`StepOutput.cuda_graph`, `padded_bs`). Speculative verify passes
+(core/spec/chain_verify.py, tree_verify.py) run through `run_tokens`, `run_rows` and the graphs.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,10 +21,9 @@ from .cuda_graph import CaptureReport, DecodeGraphRunner
 from .kv_cache import KVPool, slots_for_positions
 from .models.llama import LlamaForCausalLM
 from .request import Request
-from .sampling import SamplingBatch, penalised, sample, sampling_probs, top_logprobs
+from .sampling import SamplingBatch, sample
 from .scheduler import ScheduledBatch
 from .slot_table import SlotTable
-from .spec.verify import verify_greedy, verify_sampling
 from .transfer import int64_to_device
 
 
@@ -146,35 +144,7 @@ class ModelRunner:
             return self._decode_graph(batch, graphs)
         return self._eager(batch)
 
-    @torch.inference_mode()
-    def verify(
-        self,
-        batch: ScheduledBatch,
-        drafts: list[list[int]],
-        draft_probs: dict[int, torch.Tensor] | None = None,
-    ) -> VerifyOutput:
-        """One target pass over every decode chunk's last token plus its draft tokens (their
-        pages must already cover them), then greedy or rejection-sampling acceptance. KV is
-        written for every verified position; the caller keeps the accepted ones (num_computed)
-        and later writes overwrite the rest. `draft_probs` ({chunk: [k, V]}) is the proposer's
-        distribution for sampled requests (none: a deterministic proposer). One host sync."""
-        width = 1 + max(len(d) for d in drafts)  # K + 1
-        graphs = self.graphs
-        if graphs is not None and graphs.padded_size(len(drafts) * width) is not None:
-            return self._verify_graph(batch, drafts, width, graphs, draft_probs)
-        items = [
-            (c.req, c.req.token_ids(c.start, c.end) + d, c.start)
-            for c, d in zip(batch.chunks, drafts, strict=True)
-        ]
-        # Padded positions repeat the last real one; the verdict never reads them.
-        gather = [min(j, len(tokens) - 1) for _, tokens, _ in items for j in range(width)]
-        features = self._features_buffer(sum(len(t) for _, t, _ in items))
-        logits = self.run_tokens(items, gather, features=features)  # [B * (K + 1), V]
-        out = self._accept(batch, drafts, logits, width, False, len(drafts), draft_probs)
-        firsts = itertools.accumulate((len(t) for _, t, _ in items), initial=0)
-        return self._keep_features(out, features, list(firsts))
-
-    def _features_buffer(self, num_tokens: int) -> torch.Tensor | None:
+    def features_buffer(self, num_tokens: int) -> torch.Tensor | None:
         """[T, F] for the target's features, when an EAGLE head drafts from them."""
         if not self.model.feature_layers:
             return None
@@ -182,20 +152,6 @@ class ModelRunner:
             num_tokens, self.model.feature_size, dtype=self.model.lm_head_weight.dtype,
             device=self.device,
         )  # fmt: skip
-
-    @staticmethod
-    def _keep_features(
-        out: VerifyOutput, features: torch.Tensor | None, firsts: list[int]
-    ) -> VerifyOutput:
-        """Attach the features of each chunk's kept positions (its token and accepted drafts),
-        whose rows start at firsts[chunk]."""
-        if features is None:
-            return out
-        kept = tuple(
-            features[first : first + len(tokens)]
-            for first, tokens in zip(firsts, out.tokens, strict=False)
-        )
-        return dataclasses.replace(out, features=kept)
 
     @torch.inference_mode()
     def run_tokens(
@@ -272,122 +228,6 @@ class ModelRunner:
         gather = torch.arange(n, device=self.device)
         return self.model(ids_d, pos_d, self.attention, gather, **model_inputs)
 
-    def _verify_graph(
-        self,
-        batch: ScheduledBatch,
-        drafts: list[list[int]],
-        width: int,
-        graphs: DecodeGraphRunner,
-        draft_probs: dict[int, torch.Tensor] | None,
-    ) -> VerifyOutput:
-        """A verify pass replayed from a decode graph: token j of request b is a decode row of
-        its own, reading b's slot-table row with KV length position + 1, so it attends to its
-        request's prefix and the drafts before it (all K/V are written before any attention).
-        Each request fills `width` rows; padding repeats its last real token (same slot, same
-        K/V), so row b * width + j holds the logits of (b, j)."""
-        page_size = self.pool.page_size
-        ids: list[int] = []
-        positions: list[int] = []
-        write_slots: list[int] = []
-        rows: list[int] = []
-        for chunk, draft in zip(batch.chunks, drafts, strict=True):
-            req = chunk.req
-            n = 1 + len(draft)
-            tokens = req.token_ids(chunk.start, chunk.end) + draft
-            slots = slots_for_positions(req.pages, chunk.start, chunk.start + n, page_size)
-            row = self.slots.row(req)
-            for j in range(width):
-                k = min(j, n - 1)
-                ids.append(tokens[k])
-                positions.append(chunk.start + k)
-                write_slots.append(slots[k])
-                rows.append(row)
-        logits, padded = graphs.replay(ids, positions, write_slots, rows)  # [B * (K + 1), V]
-        out = self._accept(batch, drafts, logits, width, True, padded, draft_probs)
-        firsts = [b * width for b in range(len(drafts))]
-        return self._keep_features(out, graphs.buffers.features, firsts)
-
-    def _accept(
-        self,
-        batch: ScheduledBatch,
-        drafts: list[list[int]],
-        logits: torch.Tensor,  # [B * (K + 1), V]
-        width: int,  # K + 1
-        cuda_graph: bool = False,
-        padded_bs: int | None = None,
-        draft_probs: dict[int, torch.Tensor] | None = None,
-    ) -> VerifyOutput:
-        reqs = [c.req for c in batch.chunks]
-        bsz = len(reqs)
-        # Every position of a request is scored with that request's sampling parameters. Rows
-        # with penalties never get drafts (their later positions would need the drafts counted
-        # as output), so one set of output ids per request is exact.
-        expand = [i for i in range(bsz) for _ in range(width)]
-        sampling = SamplingBatch.build(
-            [reqs[i].params for i in expand],
-            [reqs[i].prompt_ids for i in expand],
-            [reqs[i].output_ids for i in expand],
-            [None] * len(expand),
-            self.vocab_size,
-            self.device,
-        )
-        scores = penalised(logits, sampling)  # [B * (K + 1), V]
-        lens = [len(d) for d in drafts]
-        padded = [d + [-1] * (width - 1 - len(d)) for d in drafts]
-        table = int64_to_device([x for row in padded for x in row] + lens, self.device)
-        drafts_d = table[: bsz * (width - 1)].view(bsz, width - 1)  # [B, K]
-        lens_d = table[bsz * (width - 1) :]  # [B]
-        target_ids = scores.argmax(dim=-1).view(bsz, width)  # [B, K + 1]
-        verdict = verify_greedy(target_ids, drafts_d, lens_d)
-        accepted, tokens = verdict.accepted, verdict.tokens
-        sampled = [i for i, r in enumerate(reqs) if not r.params.greedy]
-        if sampled:
-            probs = sampling_probs(scores, sampling).view(bsz, width, -1)  # [B, K + 1, V]
-            pick = torch.tensor(sampled, device=self.device)
-            q = None  # a deterministic proposer (n-gram): one-hot on its drafts
-            if draft_probs:
-                q = probs.new_zeros(len(sampled), width - 1, probs.shape[-1])  # [S, K, V]
-                for row, b in enumerate(sampled):
-                    if b in draft_probs:
-                        q[row, : draft_probs[b].shape[0]] = draft_probs[b]
-            drawn = verify_sampling(
-                probs[pick],
-                drafts_d[pick],
-                lens_d[pick],
-                q,
-                [reqs[i].generator for i in sampled],
-            )
-            accepted = accepted.index_copy(0, pick, drawn.accepted)
-            tokens = tokens.index_copy(0, pick, drawn.tokens)
-        want_lp = [r.params.logprobs for r in reqs if r.params.logprobs is not None]
-        lp_host = None
-        if want_lp:
-            flat = tokens.clamp_min(0).view(-1)  # [B * (K + 1)]
-            lp_host = [t.tolist() for t in top_logprobs(scores.log_softmax(-1), flat, max(want_lp))]
-        host = torch.cat([accepted.view(bsz, 1), tokens], dim=1).tolist()  # the one sync
-        out_tokens, out_lps = [], []
-        for b, (n_acc, *row) in enumerate(host):
-            emitted = tuple(row[: n_acc + 1])
-            out_tokens.append(emitted)
-            top_n = reqs[b].params.logprobs
-            if lp_host is None or top_n is None:
-                out_lps.append((None,) * len(emitted))
-                continue
-            chosen, top_lp, top_ids = lp_host
-            entries = []
-            for j, token in enumerate(emitted):
-                k = b * width + j
-                top = tuple(zip(top_ids[k][:top_n], top_lp[k][:top_n], strict=True))
-                entries.append(TokenLogprob(token, chosen[k], top))
-            out_lps.append(tuple(entries))
-        return VerifyOutput(
-            tuple(out_tokens),
-            tuple(h[0] for h in host),
-            tuple(out_lps),
-            cuda_graph,
-            padded_bs or bsz * width,
-        )
-
     def _decode_graph(self, batch: ScheduledBatch, graphs: DecodeGraphRunner) -> StepOutput:
         page_size = self.pool.page_size
         input_ids, positions, write_slots, rows = [], [], [], []
@@ -452,7 +292,7 @@ class ModelRunner:
             is_decode=batch.kind == "decode",
         )
         self.attention.plan(inputs)
-        features = self._features_buffer(num_tokens)
+        features = self.features_buffer(num_tokens)
         logits = self.model(ids_d, pos_d, self.attention, logit_rows_d, features=features)
         prompt_lps = self._prompt_logprobs(batch, logits, prompt_rows)  # logits: [S, V]
         if len(sample_rows) != len(logit_rows):

@@ -17,6 +17,7 @@ from ..model_loader import LoadedModel, gpu_memory_gb, load_model
 from ..request import Request
 from ..runner import ModelRunner, VerifyOutput
 from ..scheduler import ScheduledBatch, Scheduler
+from .chain_verify import verify_chain
 from .draft import DraftModel
 from .eagle import EagleDraft
 from .eagle_head import EagleHead, load_head_weights, random_layout, read_layout
@@ -188,7 +189,7 @@ class Speculator:
     ) -> VerifyOutput:
         """The target's verify pass over the proposal (chain or tree)."""
         if proposal.parents is None:
-            return runner.verify(batch, proposal.drafts, proposal.draft_probs)
+            return verify_chain(runner, batch, proposal.drafts, proposal.draft_probs)
         trees = list(zip(proposal.drafts, proposal.parents, strict=True))
         return verify_tree(runner, batch, trees)
 

@@ -77,7 +77,7 @@ def verify_tree(runner: ModelRunner, batch: ScheduledBatch, trees: list[Tree]) -
         logits, padded = graphs.replay(ids, positions, writes, rows)  # [B * width, V]
         features, cuda_graph = graphs.buffers.features, True
     else:
-        features = runner._features_buffer(len(ids))
+        features = runner.features_buffer(len(ids))
         logits = runner.run_rows(ids, positions, writes, rows, features=features)
         padded, cuda_graph = len(ids), False
     return _walk(runner, batch, trees, logits, width, linear, features, cuda_graph, padded)
