@@ -136,7 +136,9 @@ class Speculator:
         if isinstance(self.draft, EagleDraft):
             self.draft.adopt(running)
 
-    def keepable_head_pool(self, config: EngineConfig, target: LoadedModel, pool: KVPool):
+    def keepable_head_pool(
+        self, config: EngineConfig, target: LoadedModel, pool: KVPool
+    ) -> KVPool | None:
         """The EAGLE head's KV pool when `config` asks for the same head over the same target
         pool (a restart that keeps the KV): running requests then keep drafting. Else None."""
         draft = self.draft
