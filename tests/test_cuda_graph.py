@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from engine_utils import save_random_llama
 
 from llmconsole.core import Engine, EngineConfig, SamplingParams
 from llmconsole.core.cuda_graph import (
@@ -98,25 +99,8 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 @pytest.fixture(scope="module")
 def small_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random fp32 Llama with Llama-3-like attention (GQA 4, head dim 64), saved once."""
-    import transformers
-
     path = tmp_path_factory.mktemp("small-llama")
-    config = transformers.LlamaConfig(
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        vocab_size=512,
-        max_position_embeddings=1024,
-    )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() == 2:
-                param.normal_(0, 0.08)
-    model.save_pretrained(path)
+    save_random_llama(path, hidden_size=256)
     return path
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from engine_utils import save_random_llama
 
 from llmconsole.core.attention import AttentionInputs, TorchAttention, make_backend
 from llmconsole.core.attention.flashinfer_backend import paged_layout, use_tensor_core_decode
@@ -222,25 +223,8 @@ def test_gpu_backend_matches_torch(
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random bf16 Llama with Llama-3's head dim (128) and GQA group (4), saved once."""
-    import transformers
-
     path = tmp_path_factory.mktemp("tiny-llama-128")
-    config = transformers.LlamaConfig(
-        hidden_size=512,
-        intermediate_size=1024,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        vocab_size=512,
-        max_position_embeddings=2048,
-    )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() == 2:
-                param.normal_(0, 0.08)
-    model.to(torch.bfloat16).save_pretrained(path)
+    save_random_llama(path, hidden_size=512, max_positions=2048, dtype=torch.bfloat16)
     return path
 
 

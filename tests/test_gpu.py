@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers
+from engine_utils import save_random_llama
 
 from llmconsole.core import Engine, EngineConfig, SamplingParams
 
@@ -17,22 +17,7 @@ pytestmark = [
 
 
 def test_engine_on_cuda_matches_transformers_on_cpu(tmp_path: Path) -> None:
-    config = transformers.LlamaConfig(
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=512,
-        max_position_embeddings=512,
-    )
-    torch.manual_seed(0)
-    hf = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.08)
-    hf.save_pretrained(tmp_path)
+    hf = save_random_llama(tmp_path, hidden_size=128, num_kv_heads=2, max_positions=512)
     prompts = [[1, 5, 9, 33, 7], [1, *range(40, 90)]]
     params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
     cfg = EngineConfig(model=str(tmp_path), device="cuda", dtype="float32", max_total_tokens=4096)

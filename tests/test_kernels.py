@@ -485,25 +485,11 @@ def test_gpu_engine_with_triton_backend_matches_torch_backend(
 ) -> None:
     """The whole engine (chunked prefill, paging, decode) gives the same greedy tokens with
     either backend on a small fp32 Llama: the kernels use IEEE fp32 dots there."""
-    import transformers
+    from engine_utils import save_random_llama
 
     from llmconsole.core import Engine, EngineConfig, SamplingParams
 
-    config = transformers.LlamaConfig(
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        vocab_size=512,
-        max_position_embeddings=1024,
-    )
-    hf = transformers.LlamaForCausalLM(config)
-    with torch.no_grad():
-        for param in hf.parameters():
-            if param.dim() == 2:
-                param.normal_(0, 0.08)
-    hf.save_pretrained(tmp_path)
+    save_random_llama(tmp_path, hidden_size=256, num_heads=8, num_kv_heads=2, seed=None)
     prompts = [[1, 5, 9, 33, 7], [1, *range(40, 340)], [3] * 70]
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     tokens = {}

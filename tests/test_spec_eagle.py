@@ -255,6 +255,17 @@ def test_restart_switches_between_eagle_and_plain_decoding(
         eng.check_integrity()
 
 
+def gpu_reference(
+    tmp_path: Path, base: EngineConfig, prompts: list[list[int]], params: SamplingParams
+) -> tuple[list[list[int]], Path]:
+    """Plain decoding's tokens for `prompts` on `base` (a random model on the GPU), and an echo
+    head for that model."""
+    with Engine(base) as plain:
+        expected = [r.token_ids for r in plain.generate(prompts, params)]
+        mc = plain.loaded.model_config
+    return expected, _echo_head(tmp_path / "echo", mc)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_eagle_verify_passes_read_features_from_decode_graphs(tmp_path: Path) -> None:
@@ -263,10 +274,7 @@ def test_gpu_eagle_verify_passes_read_features_from_decode_graphs(tmp_path: Path
     base = EngineConfig(
         model="smollm2-135m", load_format="dummy", dtype="float32", cuda_graph_max_bs=8
     )
-    with Engine(base) as plain:
-        expected = [r.token_ids for r in plain.generate(prompts, params)]
-        mc = plain.loaded.model_config
-    echo = _echo_head(tmp_path / "echo", mc)
+    expected, echo = gpu_reference(tmp_path, base, prompts, params)
     cfg = base.replace(
         speculative_algorithm="eagle",
         speculative_draft_model_path=str(echo),

@@ -16,10 +16,11 @@ import torch
 
 from ..cuda_graph import DecodeGraphRunner
 from ..kv_cache import slots_for_positions
-from ..runner import ModelRunner, TokenLogprob, VerifyOutput
-from ..sampling import SamplingBatch, penalised, sampling_probs, top_logprobs
+from ..runner import ModelRunner, VerifyOutput
+from ..sampling import sampling_probs, top_logprobs
 from ..scheduler import ScheduledBatch
 from ..transfer import int64_to_device
+from .scoring import position_scores, row_logprobs
 from .verify import verify_greedy, verify_sampling
 
 
@@ -100,19 +101,7 @@ def _accept(
 ) -> VerifyOutput:
     reqs = [c.req for c in batch.chunks]
     bsz = len(reqs)
-    # Every position of a request is scored with that request's sampling parameters. Rows
-    # with penalties never get drafts (their later positions would need the drafts counted
-    # as output), so one set of output ids per request is exact.
-    expand = [i for i in range(bsz) for _ in range(width)]
-    sampling = SamplingBatch.build(
-        [reqs[i].params for i in expand],
-        [reqs[i].prompt_ids for i in expand],
-        [reqs[i].output_ids for i in expand],
-        [None] * len(expand),
-        runner.vocab_size,
-        runner.device,
-    )
-    scores = penalised(logits, sampling)  # [B * (K + 1), V]
+    sampling, scores = position_scores(runner, reqs, width, logits)  # [B * (K + 1), V]
     lens = [len(d) for d in drafts]
     padded = [d + [-1] * (width - 1 - len(d)) for d in drafts]
     table = int64_to_device([x for row in padded for x in row] + lens, runner.device)
@@ -150,17 +139,8 @@ def _accept(
     for b, (n_acc, *row) in enumerate(host):
         emitted = tuple(row[: n_acc + 1])
         out_tokens.append(emitted)
-        top_n = reqs[b].params.logprobs
-        if lp_host is None or top_n is None:
-            out_lps.append((None,) * len(emitted))
-            continue
-        chosen, top_lp, top_ids = lp_host
-        entries = []
-        for j, token in enumerate(emitted):
-            k = b * width + j
-            top = tuple(zip(top_ids[k][:top_n], top_lp[k][:top_n], strict=True))
-            entries.append(TokenLogprob(token, chosen[k], top))
-        out_lps.append(tuple(entries))
+        rows = [b * width + j for j in range(len(emitted))]
+        out_lps.append(row_logprobs(lp_host, rows, emitted, reqs[b].params.logprobs))
     return VerifyOutput(
         tuple(out_tokens),
         tuple(h[0] for h in host),

@@ -10,6 +10,8 @@ not seen (the prompt at first, then the target's last emitted token), then draft
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..attention import make_backend
@@ -90,33 +92,51 @@ class DraftModel:
     ) -> tuple[list[list[int]], dict[int, torch.Tensor]]:
         """`counts[b]` draft tokens for request b (their pages reserved). Returns the drafts and,
         for sampled requests, the draft distribution q of each drafted token ({b: [k_b, V]})."""
-        drafts: list[list[int]] = [[] for _ in reqs]
-        q_rows: dict[int, list[torch.Tensor]] = {}
         rows = [b for b, k in enumerate(counts) if k > 0]
         if not rows:
-            return drafts, {}
+            return [[] for _ in reqs], {}
         items = [
             (reqs[b], reqs[b].token_ids(reqs[b].draft_computed, reqs[b].num_tokens),
              reqs[b].draft_computed)
             for b in rows
         ]  # fmt: skip
         logits = self.runner.run_tokens(items, [len(t) - 1 for _, t, _ in items])  # [A, V]
-        step = 0
-        while True:
-            tokens = pick_drafts(logits, [reqs[b] for b in rows], rows, q_rows)
-            for b, token in zip(rows, tokens, strict=True):
-                drafts[b].append(token)
-            step += 1
-            more = [(i, b) for i, b in enumerate(rows) if counts[b] > step]
-            if not more:
-                break
+
+        def advance(more: list[tuple[int, int]], tokens: list[int], step: int) -> torch.Tensor:
             items = [(reqs[b], [tokens[i]], reqs[b].num_tokens + step - 1) for i, b in more]
-            logits = self.runner.run_tokens(items, [0] * len(items))
-            rows = [b for _, b in more]
+            return self.runner.run_tokens(items, [0] * len(items))
+
+        drafts, q = draft_chain(logits, reqs, rows, counts, advance)
         for b, k in enumerate(counts):
             if k > 0:
                 reqs[b].draft_computed = reqs[b].num_tokens + k - 1
-        return drafts, {b: torch.stack(q) for b, q in q_rows.items()}
+        return drafts, q
+
+
+def draft_chain(
+    logits: torch.Tensor,  # [A, V]: the next token's logits for each request in `rows`
+    reqs: list[Request],
+    rows: list[int],
+    counts: list[int],
+    advance: Callable[[list[tuple[int, int]], list[int], int], torch.Tensor],
+) -> tuple[list[list[int]], dict[int, torch.Tensor]]:
+    """Chain drafting's loop, for any drafter: pick a token per request, then (while a request
+    wants more than `step` tokens) `advance(more, tokens, step)` runs the drafter one token
+    further for the (row index, request) pairs in `more` and returns their logits. Returns
+    the drafts and, for sampled requests, the draft distribution of each token ({b: [k, V]})."""
+    drafts: list[list[int]] = [[] for _ in reqs]
+    q_rows: dict[int, list[torch.Tensor]] = {}
+    step = 0
+    while True:
+        tokens = pick_drafts(logits, [reqs[b] for b in rows], rows, q_rows)
+        for b, token in zip(rows, tokens, strict=True):
+            drafts[b].append(token)
+        step += 1
+        more = [(i, b) for i, b in enumerate(rows) if counts[b] > step]
+        if not more:
+            return drafts, {b: torch.stack(q) for b, q in q_rows.items()}
+        logits = advance(more, tokens, step)
+        rows = [b for _, b in more]
 
 
 def pick_drafts(

@@ -19,7 +19,7 @@ from ..attention import make_backend
 from ..kv_cache import KVPool, slots_for_positions
 from ..request import Request
 from ..transfer import int64_to_device
-from .draft import pick_drafts, shadow_runner
+from .draft import draft_chain, shadow_runner
 from .eagle_head import EagleHead
 from .head_graphs import HeadGraphRunner
 from .tree import Candidate, select_tree
@@ -190,21 +190,13 @@ class EagleDraft:
         self, reqs: list[Request], counts: list[int]
     ) -> tuple[list[list[int]], dict[int, torch.Tensor]]:
         """`counts[b]` draft tokens for request b (pages reserved); as DraftModel.propose."""
-        drafts: list[list[int]] = [[] for _ in reqs]
-        q_rows: dict[int, list[torch.Tensor]] = {}
         rows = [b for b, k in enumerate(counts) if k > 0 and self.ready(reqs[b])]
         if not rows:
-            return drafts, {}
+            return [[] for _ in reqs], {}
         logits, hidden = self._catch_up([reqs[b] for b in rows])  # [A, V], [A, H]
-        step = 0
-        while True:
-            tokens = pick_drafts(logits, [reqs[b] for b in rows], rows, q_rows)
-            for b, token in zip(rows, tokens, strict=True):
-                drafts[b].append(token)
-            step += 1
-            more = [(i, b) for i, b in enumerate(rows) if counts[b] > step]
-            if not more:
-                break
+
+        def advance(more: list[tuple[int, int]], tokens: list[int], step: int) -> torch.Tensor:
+            nonlocal hidden
             # Draft token `step` sits at position num_tokens - 1 + step of the target, so the
             # head reads it at one position less.
             positions = [reqs[b].num_tokens + step - 2 for _, b in more]
@@ -221,13 +213,13 @@ class EagleDraft:
                 slot_rows,
                 hidden.index_select(0, picked),
             )
-            rows = [b for _, b in more]
-        for b in range(len(reqs)):
-            if drafts[b]:
-                req = reqs[b]
-                req.draft_computed = req.num_tokens - 1
-                req.draft_features = None
-        return drafts, {b: torch.stack(q) for b, q in q_rows.items()}
+            return logits
+
+        drafts, q = draft_chain(logits, reqs, rows, counts, advance)
+        for b in rows:
+            reqs[b].draft_computed = reqs[b].num_tokens - 1
+            reqs[b].draft_features = None
+        return drafts, q
 
     @torch.inference_mode()
     def propose_tree(

@@ -17,10 +17,11 @@ from __future__ import annotations
 import torch
 
 from ..kv_cache import slots_for_positions
-from ..runner import ModelRunner, TokenLogprob, VerifyOutput
-from ..sampling import SamplingBatch, draw, penalised, sampling_probs, top_logprobs
+from ..runner import ModelRunner, VerifyOutput
+from ..sampling import draw, sampling_probs, top_logprobs
 from ..scheduler import ScheduledBatch
 from ..transfer import int64_to_device
+from .scoring import position_scores, row_logprobs
 from .tree import ancestors, tree_depths, walk_tree
 
 Tree = tuple[list[int], list[int]]  # (tokens, parents) of nodes 1..n
@@ -95,17 +96,7 @@ def _walk(
     padded_bs: int,
 ) -> VerifyOutput:
     reqs = [c.req for c in batch.chunks]
-    bsz = len(reqs)
-    expand = [b for b in range(bsz) for _ in range(width)]
-    sampling = SamplingBatch.build(
-        [reqs[b].params for b in expand],
-        [reqs[b].prompt_ids for b in expand],
-        [reqs[b].output_ids for b in expand],
-        [None] * len(expand),
-        runner.vocab_size,
-        runner.device,
-    )
-    scores = penalised(logits[: bsz * width].float(), sampling)  # [B * width, V]
+    sampling, scores = position_scores(runner, reqs, width, logits)  # [B * width, V]
     picks = scores.argmax(dim=-1)
     sampled = [b for b, r in enumerate(reqs) if not r.params.greedy]
     if sampled:
@@ -137,21 +128,7 @@ def _walk(
             map_rows.append(runner.slots.row(req))
             map_pos.append(start + d)
             map_slots.append(lin[d])
-        top_n = req.params.logprobs
-        if lp_host is None or top_n is None:
-            out_lps.append((None,) * len(emitted))
-            continue
-        chosen, top_lp, top_ids = lp_host
-        out_lps.append(
-            tuple(
-                TokenLogprob(
-                    picks_h[r],
-                    chosen[r],
-                    tuple(zip(top_ids[r][:top_n], top_lp[r][:top_n], strict=True)),
-                )
-                for r in kept[-1]
-            )
-        )
+        out_lps.append(row_logprobs(lp_host, kept[-1], emitted, req.params.logprobs))
     _move_kv(runner, moves_src, moves_dst)
     if map_rows:
         packed = int64_to_device(map_rows + map_pos + map_slots, runner.device)
