@@ -20,7 +20,7 @@ from ..runner import ModelRunner, VerifyOutput
 from ..sampling import sampling_probs, top_logprobs
 from ..scheduler import ScheduledBatch
 from ..transfer import int64_to_device
-from .scoring import position_scores, row_logprobs
+from .scoring import kept_features, position_scores, row_logprobs
 from .verify import verify_greedy, verify_sampling
 
 
@@ -49,8 +49,8 @@ def verify_chain(
     features = runner.features_buffer(sum(len(t) for _, t, _ in items))
     logits = runner.run_tokens(items, gather, features=features)  # [B * (K + 1), V]
     out = _accept(runner, batch, drafts, logits, width, False, len(drafts), draft_probs)
-    firsts = itertools.accumulate((len(t) for _, t, _ in items), initial=0)
-    return _keep_features(out, features, list(firsts))
+    firsts = list(itertools.accumulate((len(t) for _, t, _ in items), initial=0))[:-1]
+    return _keep_features(out, features, firsts)
 
 
 def _verify_graph(
@@ -113,7 +113,7 @@ def _accept(
     sampled = [i for i, r in enumerate(reqs) if not r.params.greedy]
     if sampled:
         probs = sampling_probs(scores, sampling).view(bsz, width, -1)  # [B, K + 1, V]
-        pick = torch.tensor(sampled, device=runner.device)
+        pick = int64_to_device(sampled, runner.device)
         q = None  # a deterministic proposer (n-gram): one-hot on its drafts
         if draft_probs:
             q = probs.new_zeros(len(sampled), width - 1, probs.shape[-1])  # [S, K, V]
@@ -155,10 +155,5 @@ def _keep_features(
 ) -> VerifyOutput:
     """Attach the features of each chunk's kept positions (its token and accepted drafts),
     whose rows start at firsts[chunk]."""
-    if features is None:
-        return out
-    kept = tuple(
-        features[first : first + len(tokens)]
-        for first, tokens in zip(firsts, out.tokens, strict=False)
-    )
-    return dataclasses.replace(out, features=kept)
+    rows = [list(range(f, f + len(t))) for f, t in zip(firsts, out.tokens, strict=True)]
+    return dataclasses.replace(out, features=kept_features(features, rows))

@@ -21,6 +21,7 @@ from ..models.config import ModelConfig
 from ..request import Request
 from ..runner import ModelRunner
 from ..sampling import SamplingBatch, draw, sampling_probs
+from ..transfer import int64_to_device
 
 
 def shadow_runner(
@@ -160,7 +161,7 @@ def pick_drafts(
             logits.device,
         )
         probs = sampling_probs(logits[sampled].float(), batch)  # [S, V]
-        index = torch.tensor(sampled, device=logits.device)
+        index = int64_to_device(sampled, logits.device)
         chosen = chosen.index_copy(0, index, draw(probs, batch.generators))
         for j, i in enumerate(sampled):
             q_rows.setdefault(rows[i], []).append(probs[j])

@@ -155,13 +155,13 @@ class EagleDraft:
 
     @staticmethod
     def record(req: Request, start: int, features: torch.Tensor) -> None:
-        """Keep the target's features [n, F] of positions [start, start + n) for the head."""
+        """Keep the target's features [n, F] of positions [start, start + n) for the head. They
+        must be the caller's to keep (not a view of a CUDA graph's reused buffer)."""
         have = req.draft_features
         if req.draft_computed + (0 if have is None else have.shape[0]) != start:
             req.draft_features = None  # a gap: this request cannot draft any more
             return
-        # A copy: graph replays reuse the buffer the features were read from.
-        req.draft_features = features.clone() if have is None else torch.cat([have, features])
+        req.draft_features = features if have is None else torch.cat([have, features])
 
     @torch.inference_mode()
     def absorb(self, reqs: list[Request], keep: int) -> None:
@@ -205,7 +205,7 @@ class EagleDraft:
                 for (_, b), p in zip(more, positions, strict=True)
             ]
             slot_rows = [self.runner.slots.row(reqs[b]) for _, b in more]
-            picked = torch.tensor([i for i, _ in more], device=hidden.device)
+            picked = int64_to_device([i for i, _ in more], hidden.device)
             logits, hidden = self._run_rows(
                 [tokens[i] for i, _ in more],
                 positions,
@@ -295,10 +295,10 @@ class EagleDraft:
                 leaf_cand[a] = [base + c for c in best[a]]
             if step < num_steps:
                 pick = [a * k * k + c for a in range(len(rows)) for c in best[a]]
-                pick_d = torch.tensor(pick, device=out.device)
+                pick_d = int64_to_device(pick, out.device)
                 leaf_score = total.view(-1).index_select(0, pick_d).view(len(rows), k)
                 leaf_token = child_token.view(-1).index_select(0, pick_d).tolist()
-                parent_rows = torch.tensor([p // k for p in pick], device=out.device)
+                parent_rows = int64_to_device([p // k for p in pick], out.device)
                 leaf_hidden = out.index_select(0, parent_rows)  # [A * k, H]
         for a, b in enumerate(rows):
             tokens[b], parents[b] = select_tree(cands[a], budgets[b], max_depths[b])

@@ -9,6 +9,7 @@ import torch
 from ..request import Request
 from ..runner import ModelRunner, TokenLogprob
 from ..sampling import SamplingBatch, penalised
+from ..transfer import int64_to_device
 
 TopLogprobs = list[list]  # host lists of top_logprobs(): chosen [R], top lp [R][N], top ids [R][N]
 
@@ -32,6 +33,19 @@ def position_scores(
         runner.device,
     )
     return sampling, penalised(logits[: len(expand)].float(), sampling)
+
+
+def kept_features(
+    features: torch.Tensor | None,  # [>= rows, F], possibly a CUDA graph's reused buffer
+    rows: list[list[int]],  # per chunk, the rows of its kept positions
+) -> tuple[torch.Tensor, ...]:
+    """Each chunk's kept features ([len(rows[c]), F]) gathered by one copy (so they outlive
+    the buffer) and split into per-chunk views of it; () when no features were captured."""
+    if features is None:
+        return ()
+    flat = [r for chunk in rows for r in chunk]
+    index = int64_to_device(flat, features.device)
+    return features.index_select(0, index).split([len(chunk) for chunk in rows])
 
 
 def row_logprobs(

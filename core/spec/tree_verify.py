@@ -21,7 +21,7 @@ from ..runner import ModelRunner, VerifyOutput
 from ..sampling import draw, sampling_probs, top_logprobs
 from ..scheduler import ScheduledBatch
 from ..transfer import int64_to_device
-from .scoring import position_scores, row_logprobs
+from .scoring import kept_features, position_scores, row_logprobs
 from .tree import ancestors, tree_depths, walk_tree
 
 Tree = tuple[list[int], list[int]]  # (tokens, parents) of nodes 1..n
@@ -101,7 +101,7 @@ def _walk(
     sampled = [b for b, r in enumerate(reqs) if not r.params.greedy]
     if sampled:
         idx = [b * width + j for b in sampled for j in range(width)]
-        idx_d = torch.tensor(idx, device=runner.device)
+        idx_d = int64_to_device(idx, runner.device)
         probs = sampling_probs(scores, sampling).index_select(0, idx_d)
         gens = tuple(reqs[b].generator for b in sampled for _ in range(width))
         picks = picks.index_copy(0, idx_d, draw(probs, gens))
@@ -133,11 +133,7 @@ def _walk(
     if map_rows:
         packed = int64_to_device(map_rows + map_pos + map_slots, runner.device)
         runner.slots.write(*packed.split(len(map_rows)))
-    feats: tuple[torch.Tensor, ...] = ()
-    if features is not None:
-        feats = tuple(
-            features.index_select(0, torch.tensor(k, device=features.device)) for k in kept
-        )
+    feats = kept_features(features, kept)
     return VerifyOutput(
         tuple(out_tokens), tuple(out_accepted), tuple(out_lps), cuda_graph, padded_bs, feats
     )
