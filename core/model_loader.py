@@ -11,11 +11,13 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from .config import EngineConfig
+from .models import config_cache
 from .models.config import ModelConfig
 from .models.llama import LlamaForCausalLM
 from .models.source import ModelSource, resolve_model
@@ -60,7 +62,7 @@ def load_model(config: EngineConfig, progress: Progress | None = None) -> Loaded
     device = torch.device(config.device)
     dtype = DTYPES[config.dtype]
     source = resolve_model(config.model, config.load_format, progress=report)
-    model_config = ModelConfig.from_hf(source.hf_config)
+    model_config = ModelConfig.from_hf(source.config)
     # The tokenizer's imports are slow and mostly Python; weight copies release the GIL, so
     # loading both at once shortens every start.
     with ThreadPoolExecutor(1, thread_name_prefix="tokenizer") as pool:
@@ -110,9 +112,7 @@ def _build_model(
 def load_tokenizer(path: Any) -> Any | None:
     if path is None:
         return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(path))
+    return config_cache.load_tokenizer(Path(path))
 
 
 def _generation_config_eos(source: ModelSource) -> set[int]:

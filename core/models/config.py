@@ -31,7 +31,7 @@ class ModelConfig:
     attention_bias: bool  # Qwen2: bias on q/k/v
     qk_norm: bool  # Qwen3: RMSNorm on each head of q and k before rope
     eos_token_ids: tuple[int, ...]
-    hf_config: Any  # kept for rope parameters; never mutated
+    hf_config: Any  # the source's config (kept for rope parameters); never mutated
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -106,8 +106,6 @@ class ModelConfig:
 
         transformers owns the rope-scaling maths (llama3, linear, dynamic, yarn); we only call it.
         """
-        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
         cfg = self.hf_config
         params = _rope_parameters(cfg)
         rope_type = params.get("rope_type", params.get("type", "default"))
@@ -115,6 +113,10 @@ class ModelConfig:
             base = float(params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
             exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim
             return (1.0 / base**exponents).float(), 1.0
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # slow: not for default
+
+        if hasattr(cfg, "to_transformers"):  # a cached ResolvedConfig: transformers wants its own
+            cfg = cfg.to_transformers()
         inv_freq, scale = ROPE_INIT_FUNCTIONS[rope_type](cfg, torch.device("cpu"))
         return inv_freq.float(), float(scale)
 

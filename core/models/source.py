@@ -6,6 +6,7 @@ shape, so the rest of the engine has a single loading path. Nothing is ever down
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from .config import SUPPORTED_ARCHITECTURES
+from .config_cache import ResolvedConfig, load_config
 from .dummy_shapes import DUMMY_SHAPES, dummy_config, is_dummy_shape
 from .errors import ModelNotFoundError, UnsupportedModelError
 
@@ -37,13 +39,21 @@ _QUANT_SUFFIX = re.compile(r"[.-](?:i?q\d\w*|f16|f32|bf16)$", re.IGNORECASE)
 
 @dataclass(frozen=True)
 class ModelSource:
-    """A resolved model: where its files are (if any) and its transformers config."""
+    """A resolved model: where its files are (if any) and its config."""
 
     kind: Literal["folder", "dummy"]
     path: Path | None
     name: str
-    hf_config: transformers.PretrainedConfig
+    # What the engine reads, by attribute: a folder's config.json as transformers resolves it
+    # (config_cache), or a dummy shape's transformers config.
+    config: ResolvedConfig | transformers.PretrainedConfig
     tokenizer_path: Path | None
+
+    @functools.cached_property
+    def hf_config(self) -> transformers.PretrainedConfig:
+        """The transformers config class itself, built on first use (its imports are slow)."""
+        config = self.config
+        return config.to_transformers() if isinstance(config, ResolvedConfig) else config
 
 
 def resolve_model(
@@ -72,7 +82,7 @@ def resolve_model(
         raise ModelNotFoundError(f"unknown dummy shape {model!r}; known shapes: {known}")
     else:
         source = _from_hf_cache(model, need_weights=load_format != "dummy")
-    _check_supported(source.hf_config, source.name)
+    _check_supported(source.config, source.name)
     _check_format(source, model, load_format)
     if load_format == "dummy" and source.kind != "dummy":
         source = replace(source, kind="dummy")
@@ -130,11 +140,9 @@ def _from_folder(folder: Path, name: str, need_weights: bool) -> ModelSource:
         raise _unsupported(arch, name)
     if need_weights:
         _check_weights(folder)
-    from transformers import AutoConfig
-
-    hf_config = AutoConfig.from_pretrained(folder)
+    config = load_config(folder)
     has_tokenizer = any((folder / f).is_file() for f in _TOKENIZER_FILES)
-    return ModelSource("folder", folder, name, hf_config, folder if has_tokenizer else None)
+    return ModelSource("folder", folder, name, config, folder if has_tokenizer else None)
 
 
 def _check_weights(folder: Path) -> None:
