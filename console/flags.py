@@ -53,6 +53,13 @@ FLAGS: tuple[Flag, ...] = (
     Flag("attention_backend", str, "|".join(ATTENTION_BACKENDS), "auto"),
     Flag("cuda_graph_max_bs", int, "largest captured decode batch (auto by GPU memory)"),
     Flag("disable_cuda_graph", bool, "run decode eagerly", False),
+    Flag(
+        "overlap_schedule",
+        str,
+        "auto|on|off: launch each decode step before reading the last one's tokens "
+        "(auto: on with CUDA; off = SGLang's --disable-overlap-schedule)",
+        "auto",
+    ),
     Flag("disable_radix_cache", bool, "no prefix cache", True),
     Flag("speculative_algorithm", str, "|".join(SPECULATIVE_ALGORITHMS), "none"),
     Flag("speculative_draft_model_path", str, "draft model (draft) or head folder (eagle/eagle3)"),

@@ -16,6 +16,7 @@ ATTENTION_BACKENDS = ("auto", "torch", "triton", "flashinfer", "fa3")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 SPECULATIVE_ALGORITHMS = ("none", "ngram", "draft", "eagle", "eagle3")
+OVERLAP_SCHEDULE = ("auto", "on", "off")
 # SGLang spells some algorithms differently; accept its names too.
 _SPEC_ALIASES = {"standalone": "draft", "": "none"}
 
@@ -70,6 +71,10 @@ class EngineConfig:
     attention_backend: str = "auto"
     cuda_graph_max_bs: int | None = None
     disable_cuda_graph: bool = False
+    # Decode step N+1 is launched before step N's tokens are read (SGLang's overlap schedule;
+    # its --disable-overlap-schedule is "off"). auto: on for CUDA, off on CPU, where nothing
+    # runs asynchronously and it would only deliver each token a step later.
+    overlap_schedule: str = "auto"
     # speculative decoding
     speculative_algorithm: str = "none"
     speculative_draft_model_path: str | None = None
@@ -91,6 +96,7 @@ class EngineConfig:
         self._check_choice("dtype", DTYPES)
         self._check_choice("load_format", LOAD_FORMATS)
         self._check_choice("speculative_algorithm", SPECULATIVE_ALGORITHMS)
+        self._check_choice("overlap_schedule", OVERLAP_SCHEDULE)
         if self.device != "auto" and not (
             self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")
         ):
@@ -173,6 +179,9 @@ class EngineConfig:
             speculative_num_steps=steps,
             speculative_eagle_topk=topk,
             speculative_num_draft_tokens=draft_tokens,
+            overlap_schedule=self.overlap_schedule
+            if self.overlap_schedule != "auto"
+            else ("on" if on_gpu else "off"),
         )
 
     def _speculative_defaults(self) -> tuple[int | None, int | None, int | None]:

@@ -196,9 +196,12 @@ class DecodeGraphRunner:
         positions: Sequence[int],
         write_slots: Sequence[int],
         rows: Sequence[int],
+        device_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, int]:  # (logits [bs, V] in model dtype, padded bs)
         """Run one decode step of len(input_ids) requests from its bucket's graph. Read the
-        logits before the next replay: every bucket writes the same buffer."""
+        logits before the next replay: every bucket writes the same buffer. `device_ids` [bs]
+        replaces `input_ids` (then placeholders) with ids already on the device, e.g. those
+        the previous step is still sampling."""
         bs = len(input_ids)
         padded = self.padded_size(bs)
         if padded is None:
@@ -207,6 +210,8 @@ class DecodeGraphRunner:
         # Pinned and queued: no stall; the pinned-memory cache keeps `host` until it is copied.
         self.buffers.packed[: host.numel()].copy_(host.pin_memory(), non_blocking=True)
         inputs = self.buffers.columns(padded)
+        if device_ids is not None:
+            inputs.input_ids[:bs].copy_(device_ids)  # queued after the packed copy above
         self.slots.write(inputs.rows, inputs.positions, inputs.write_slots)
         host_inputs = DecodeInputs(*host.view(NUM_INPUTS, padded).unbind(0))
         self.attention.prepare_for_replay(padded, self.buffers, host_inputs)

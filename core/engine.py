@@ -27,9 +27,9 @@ from .outputs import Delta, GenerationResult, RequestHandle
 from .pool_sizing import kv_pool_spec
 from .request import FinishReason, Request, RequestState
 from .restart import RestartPlan, plan_restart
-from .runner import ModelRunner, StepOutput, VerifyOutput
+from .runner import ModelRunner, PendingStep, StepOutput, VerifyOutput
 from .sampling_params import SamplingParams
-from .scheduler import Scheduler
+from .scheduler import ScheduledBatch, Scheduler
 from .spec.speculator import (
     DraftCache,
     Speculator,
@@ -128,7 +128,12 @@ class Engine(StepResultsMixin, HotRestartMixin):
         self._restart_lock = threading.Lock()  # one restart at a time, planned on the latest config
         self._pending_gap: PendingGap | None = None
         self._last_token_at = time.perf_counter()
-        self.counters = {"steps": 0, "generated_tokens": 0, "finished_requests": 0}
+        self.counters = {
+            "steps": 0,
+            "generated_tokens": 0,
+            "finished_requests": 0,
+            "steps_launched_ahead": 0,  # overlap schedule: launched before the last step's tokens
+        }
         self._thread = threading.Thread(target=self._loop, name="llmconsole-engine", daemon=True)
         self._thread.start()
         self._event(
@@ -441,6 +446,13 @@ class Engine(StepResultsMixin, HotRestartMixin):
             batch = self.scheduler.schedule()
             if batch is None:
                 continue
+            if (
+                batch.kind == "decode"
+                and self.spec is None
+                and self.config.overlap_schedule == "on"
+            ):
+                self._decode_overlapped(batch)
+                continue
             started = time.perf_counter()
             spec = self.spec if batch.kind == "decode" else None
             try:
@@ -450,9 +462,7 @@ class Engine(StepResultsMixin, HotRestartMixin):
                 else:
                     out = self.runner.forward(batch)
             except Exception as exc:  # one bad batch must not stop the engine
-                self._event("error", f"forward pass failed: {exc!r}")
-                for chunk in batch.chunks:
-                    self._finish(chunk.req, FinishReason.ERROR, f"internal error: {exc!r}")
+                self._fail_batch(batch, exc)
                 continue
             if out.features and self.spec is not None:
                 self.spec.record(batch, out.features)  # what an EAGLE head drafts from next
@@ -469,14 +479,7 @@ class Engine(StepResultsMixin, HotRestartMixin):
             else:
                 generated = self._process(batch, out)
                 self._record_step(batch, out, generated, time.perf_counter() - started)
-            if generated:
-                self._last_token_at = time.perf_counter()
-                self._complete_gap()
-            if self._live_wanted:
-                self._publish_live()
-            if not self.scheduler.has_work():
-                self._complete_gap()  # the resumed requests finished (or were aborted)
-                self._check_when_idle()
+            self._after_step(generated)
         self._stopped.set()
         self.state = "stopped"
         self._complete_gap()
@@ -495,6 +498,57 @@ class Engine(StepResultsMixin, HotRestartMixin):
                 command.done.set_exception(EngineStoppedError("the engine has shut down"))
         self._publish_live()
         self._event("shutdown", "engine stopped")
+
+    def _decode_overlapped(self, batch: ScheduledBatch) -> None:
+        """Decode steps back to back, each launched before the previous one's tokens are read
+        (the overlap schedule): while the device runs step N + 1, the host turns step N's
+        tokens into deltas, stop checks and telemetry, so the device never waits for Python.
+        Returns, with nothing in flight, when the next step must be scheduled normally: a
+        command arrived, requests wait, a prefill is due, pages ran short, or all finished."""
+        started = time.perf_counter()
+        try:
+            pending: PendingStep | None = self.runner.launch(batch)
+        except Exception as exc:
+            self._fail_batch(batch, exc)
+            return
+        while pending is not None:
+            ahead = None
+            nxt = self.scheduler.schedule_ahead(pending.batch) if self._inbox.empty() else None
+            if nxt is not None:
+                try:
+                    ahead = self.runner.launch(nxt, after=pending)
+                    self.counters["steps_launched_ahead"] += 1
+                except Exception as exc:
+                    self._fail_batch(nxt, exc)
+            try:
+                out = self.runner.collect(pending)
+            except Exception as exc:
+                self._fail_batch(pending.batch, exc)
+            else:
+                generated = self._process(pending.batch, out)
+                now = time.perf_counter()
+                # Steps overlap: each one's duration runs from the previous one's tokens.
+                self._record_step(pending.batch, out, generated, now - started)
+                started = now
+                self._after_step(generated)
+            pending = ahead
+
+    def _fail_batch(self, batch: ScheduledBatch, exc: Exception) -> None:
+        """One bad batch must not stop the engine: its requests finish with the error."""
+        self._event("error", f"forward pass failed: {exc!r}")
+        for chunk in batch.chunks:
+            if not chunk.req.finished:
+                self._finish(chunk.req, FinishReason.ERROR, f"internal error: {exc!r}")
+
+    def _after_step(self, generated: int) -> None:
+        if generated:
+            self._last_token_at = time.perf_counter()
+            self._complete_gap()
+        if self._live_wanted:
+            self._publish_live()
+        if not self.scheduler.has_work():
+            self._complete_gap()  # the resumed requests finished (or were aborted)
+            self._check_when_idle()
 
     def _publish_live(self) -> None:
         self._live_wanted = False

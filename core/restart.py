@@ -22,7 +22,7 @@ from typing import Any
 
 from .config import ConfigError, EngineConfig, flag_name
 
-LIVE_FIELDS = frozenset({"max_running_requests", "chunked_prefill_size"})
+LIVE_FIELDS = frozenset({"max_running_requests", "chunked_prefill_size", "overlap_schedule"})
 GRAPH_FIELDS = frozenset({"cuda_graph_max_bs", "disable_cuda_graph"})
 REBUILD_FIELDS = frozenset(
     {

@@ -62,10 +62,31 @@ class VerifyOutput:
     features: tuple[torch.Tensor, ...] = ()
 
 
+@dataclass(frozen=True)
+class PendingStep:
+    """A launched forward pass whose sampled tokens are still on their way to the host.
+
+    `token_ids` [sampled chunks] stays on the device, where the next decode step can read it
+    as its input ids before anyone has looked at it (the overlap schedule)."""
+
+    batch: ScheduledBatch
+    token_ids: torch.Tensor | None  # [S] int64, device; None when no chunk samples
+    cuda_graph: bool
+    padded_bs: int
+    prompt_logprobs: tuple[tuple[int, tuple[TokenLogprob, ...]] | None, ...] = ()
+    features: tuple[torch.Tensor, ...] = ()
+    # Host copies of (token ids, chosen logprobs, top logprobs, top ids), queued at launch, and
+    # the event after them: collecting waits for this step's work only, not for later launches.
+    host: tuple[torch.Tensor | None, ...] = ()
+    ready: torch.cuda.Event | None = None
+
+
 class ModelRunner:
     """Contract: `forward` runs exactly one forward pass and returns after exactly one host sync
     (reading the sampled ids); decode batches replay a CUDA graph when `capture_cuda_graphs` has
-    captured a bucket that holds them, and run eager otherwise."""
+    captured a bucket that holds them, and run eager otherwise. `launch` + `collect` split
+    `forward` in two: `launch` queues the pass without waiting for the device, `collect` waits
+    for that pass alone, so a later pass may be launched in between."""
 
     def __init__(
         self,
@@ -139,10 +160,51 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, batch: ScheduledBatch, use_cuda_graph: bool = True) -> StepOutput:
         """One step; `use_cuda_graph=False` forces eager decode (benchmarks compare the two)."""
+        return self.collect(self.launch(batch, use_cuda_graph))
+
+    @torch.inference_mode()
+    def launch(
+        self,
+        batch: ScheduledBatch,
+        use_cuda_graph: bool = True,
+        after: PendingStep | None = None,
+    ) -> PendingStep:
+        """Queue one step. `after`: the decode step still in flight that samples the input
+        token of each of `batch`'s chunks scheduled `ahead` (Scheduler.schedule_ahead); their
+        input ids are read from its device tensor, never from the host."""
+        input_ids = None if after is None else _ahead_inputs(batch, after)
         graphs = self.graphs if use_cuda_graph and batch.kind == "decode" else None
         if graphs is not None and graphs.padded_size(batch.batch_size) is not None:
-            return self._decode_graph(batch, graphs)
-        return self._eager(batch)
+            return self._decode_graph(batch, graphs, input_ids)
+        return self._eager(batch, input_ids)
+
+    def collect(self, pending: PendingStep) -> StepOutput:
+        """Wait for `pending` (only) and hand its sampled tokens to the host."""
+        batch = pending.batch
+        tokens: list[int | None] = [None] * len(batch.chunks)
+        logprobs: list[TokenLogprob | None] = [None] * len(batch.chunks)
+        if pending.token_ids is not None:
+            if pending.ready is not None:
+                pending.ready.synchronize()
+            ids_h, lp_h, top_lp_h, top_ids_h = pending.host
+            assert ids_h is not None
+            ids = ids_h.tolist()
+            reqs = [c.req for c in batch.chunks if c.samples]
+            lps = _logprobs_to_host(ids, lp_h, top_lp_h, top_ids_h, reqs)
+            row = 0
+            for i, chunk in enumerate(batch.chunks):
+                if chunk.samples:
+                    tokens[i] = ids[row]
+                    logprobs[i] = lps[row]
+                    row += 1
+        return StepOutput(
+            tuple(tokens),
+            tuple(logprobs),
+            pending.cuda_graph,
+            pending.padded_bs,
+            pending.prompt_logprobs,
+            pending.features,
+        )
 
     def features_buffer(self, num_tokens: int) -> torch.Tensor | None:
         """[T, F] for the target's features, when an EAGLE head drafts from them."""
@@ -228,21 +290,25 @@ class ModelRunner:
         gather = torch.arange(n, device=self.device)
         return self.model(ids_d, pos_d, self.attention, gather, **model_inputs)
 
-    def _decode_graph(self, batch: ScheduledBatch, graphs: DecodeGraphRunner) -> StepOutput:
+    def _decode_graph(
+        self,
+        batch: ScheduledBatch,
+        graphs: DecodeGraphRunner,
+        device_ids: torch.Tensor | None = None,  # [B]: input ids already on the device
+    ) -> PendingStep:
         page_size = self.pool.page_size
         input_ids, positions, write_slots, rows = [], [], [], []
         for chunk in batch.chunks:
             req = chunk.req
             pos = chunk.start  # decode: exactly one new token, the last one
-            input_ids.append(req.token_ids(pos, pos + 1)[0])
+            input_ids.append(0 if chunk.ahead else req.token_ids(pos, pos + 1)[0])
             positions.append(pos)
             write_slots.append(slots_for_positions(req.pages, pos, pos + 1, page_size)[0])
             rows.append(self.slots.row(req))
-        logits, padded = graphs.replay(input_ids, positions, write_slots, rows)  # [B, V]
-        tokens, logprobs = self._sample(batch, logits)
-        return StepOutput(tokens, logprobs, True, padded, ())
+        logits, padded = graphs.replay(input_ids, positions, write_slots, rows, device_ids)
+        return self._sample(batch, logits, True, padded)
 
-    def _eager(self, batch: ScheduledBatch) -> StepOutput:
+    def _eager(self, batch: ScheduledBatch, device_ids: torch.Tensor | None = None) -> PendingStep:
         page_size = self.pool.page_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -258,7 +324,7 @@ class ModelRunner:
             row = self.slots.row(req)
             rows.append(row)
             token_rows.extend([row] * chunk.length)
-            input_ids.extend(req.token_ids(chunk.start, chunk.end))
+            input_ids.extend([0] if chunk.ahead else req.token_ids(chunk.start, chunk.end))
             positions.extend(range(chunk.start, chunk.end))
             write_slots.extend(slots_for_positions(req.pages, chunk.start, chunk.end, page_size))
             # Logits at position p score prompt token p + 1.
@@ -281,6 +347,8 @@ class ModelRunner:
         ids_d, pos_d, write_d, token_rows_d, rows_d, logit_rows_d, sample_rows_d = packed.split(
             sizes
         )
+        if device_ids is not None:  # a decode step scheduled ahead: one input id per chunk
+            ids_d = device_ids
         self.slots.write(token_rows_d, pos_d, write_d)
         max_kv = max(c.end for c in batch.chunks)
         kv_slots = self.slots.table[:, :max_kv].index_select(0, rows_d)  # [B, max_kv]
@@ -297,25 +365,26 @@ class ModelRunner:
         prompt_lps = self._prompt_logprobs(batch, logits, prompt_rows)  # logits: [S, V]
         if len(sample_rows) != len(logit_rows):
             logits = logits[sample_rows_d]
-        tokens, logprobs = self._sample(batch, logits)
         per_chunk: tuple[torch.Tensor, ...] = ()
         if features is not None:
             ends = itertools.accumulate(c.length for c in batch.chunks)
             pairs = zip(batch.chunks, ends, strict=True)
             per_chunk = tuple(features[end - c.length : end] for c, end in pairs)
-        return StepOutput(tokens, logprobs, False, len(batch.chunks), tuple(prompt_lps), per_chunk)
+        return self._sample(batch, logits, False, len(batch.chunks), tuple(prompt_lps), per_chunk)
 
     def _sample(
         self,
         batch: ScheduledBatch,
         logits: torch.Tensor,  # [sampled chunks, V]
-    ) -> tuple[tuple[int | None, ...], tuple[TokenLogprob | None, ...]]:
-        tokens: list[int | None] = [None] * len(batch.chunks)
-        logprobs: list[TokenLogprob | None] = [None] * len(batch.chunks)
-        sampled_chunks = [c for c in batch.chunks if c.samples]
-        if not sampled_chunks:
-            return tuple(tokens), tuple(logprobs)
-        reqs = [c.req for c in sampled_chunks]
+        cuda_graph: bool,
+        padded_bs: int,
+        prompt_logprobs: tuple[tuple[int, tuple[TokenLogprob, ...]] | None, ...] = (),
+        features: tuple[torch.Tensor, ...] = (),
+    ) -> PendingStep:
+        """Queue the sampling kernels and the copies of their results to the host."""
+        reqs = [c.req for c in batch.chunks if c.samples]
+        if not reqs:
+            return PendingStep(batch, None, cuda_graph, padded_bs, prompt_logprobs, features)
         sampling = SamplingBatch.build(
             [r.params for r in reqs],
             [r.prompt_ids for r in reqs],
@@ -325,15 +394,17 @@ class ModelRunner:
             self.device,
         )
         out = sample(logits, sampling)
-        ids = out.token_ids.tolist()  # the step's one host sync
-        lp = _logprobs_to_host(out, reqs)
-        row = 0
-        for i, chunk in enumerate(batch.chunks):
-            if chunk.samples:
-                tokens[i] = ids[row]
-                logprobs[i] = lp[row]
-                row += 1
-        return tuple(tokens), tuple(logprobs)
+        host = tuple(
+            _to_host_queued(t)
+            for t in (out.token_ids, out.logprobs, out.top_logprobs, out.top_token_ids)
+        )
+        ready = None
+        if self.device.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record()
+        return PendingStep(
+            batch, out.token_ids, cuda_graph, padded_bs, prompt_logprobs, features, host, ready
+        )
 
     def _prompt_logprobs(
         self,
@@ -365,13 +436,40 @@ class ModelRunner:
         return result
 
 
-def _logprobs_to_host(out, reqs) -> list[TokenLogprob | None]:
-    if out.logprobs is None:
+def _ahead_inputs(batch: ScheduledBatch, after: PendingStep) -> torch.Tensor:
+    """[B] device input ids of `batch`, whose chunks continue requests of `after` (a decode
+    step, one sampled token per chunk): the tokens `after` samples for them."""
+    assert after.token_ids is not None and all(c.ahead for c in batch.chunks)
+    row_of = {id(c.req): i for i, c in enumerate(after.batch.chunks)}
+    rows = [row_of[id(c.req)] for c in batch.chunks]
+    if rows == list(range(len(after.batch.chunks))):
+        return after.token_ids
+    index = int64_to_device(rows, after.token_ids.device)
+    return after.token_ids.index_select(0, index)
+
+
+def _to_host_queued(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A host copy of device tensor `t`, queued on the stream (pinned memory): valid once the
+    step's `ready` event has passed. On the host already: `t` itself."""
+    if t is None or t.device.type == "cpu":
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host
+
+
+def _logprobs_to_host(
+    ids: list[int],
+    chosen_t: torch.Tensor | None,
+    top_lp_t: torch.Tensor | None,
+    top_ids_t: torch.Tensor | None,
+    reqs: list[Request],
+) -> list[TokenLogprob | None]:
+    if chosen_t is None or top_lp_t is None or top_ids_t is None:
         return [None] * len(reqs)
-    chosen = out.logprobs.tolist()
-    top_lp = out.top_logprobs.tolist()
-    top_ids = out.top_token_ids.tolist()
-    ids = out.token_ids.tolist()
+    chosen = chosen_t.tolist()
+    top_lp = top_lp_t.tolist()
+    top_ids = top_ids_t.tolist()
     result: list[TokenLogprob | None] = []
     for i, req in enumerate(reqs):
         n = req.params.logprobs

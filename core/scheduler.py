@@ -17,16 +17,20 @@ from .request import Request, RequestState
 
 @dataclass(frozen=True)
 class Chunk:
-    """Process the tokens [start, end) of `req`; sample a new token when that reaches its end."""
+    """Process the tokens [start, end) of `req`; sample a new token when that reaches its end.
+    `ahead`: scheduled while the step that samples the token at `start` is still in flight
+    (overlap schedule), so that token is not in `req` yet and comes from the device."""
 
     req: Request
     start: int
     end: int
+    ahead: bool = False
     samples: bool = field(init=False)  # fixed when scheduled; the request grows afterwards
 
     def __post_init__(self) -> None:
-        assert 0 <= self.start < self.end <= self.req.num_tokens
-        object.__setattr__(self, "samples", self.end == self.req.num_tokens)
+        known = self.req.num_tokens + self.ahead
+        assert 0 <= self.start < self.end <= known
+        object.__setattr__(self, "samples", self.end == known)
 
     @property
     def length(self) -> int:
@@ -220,11 +224,40 @@ class Scheduler:
         chunks = tuple(Chunk(r, r.num_computed, r.num_tokens) for r in decoding)
         return ScheduledBatch("decode", chunks)
 
+    def schedule_ahead(self, batch: ScheduledBatch) -> ScheduledBatch | None:
+        """The decode step after `batch`, scheduled while `batch` is still running, so before
+        its tokens are known: its requests, one position further. None when the next step
+        may have to differ (queued requests to admit, a prefill to continue, a token history
+        for penalties to sample with, pages to retract for), so it is scheduled normally
+        once `batch`'s tokens are in. A request that `batch` brings to its max_new_tokens
+        is left out; one that stops on a token or string in `batch` runs one extra row,
+        whose token is dropped."""
+        live = [c for c in batch.chunks if not c.req.finished]  # some stopped a step ago
+        if batch.kind != "decode" or self.waiting or len(live) != len(self.running):
+            return None
+        chunks: list[Chunk] = []
+        for chunk in live:
+            req = chunk.req
+            if not chunk.samples or _needs_history(req):
+                return None
+            if len(req.output_ids) + 1 >= req.max_new_tokens:
+                continue
+            if not self._grow(req, chunk.end + 1):  # the KV slot of position chunk.end
+                return None
+            chunks.append(Chunk(req, chunk.end, chunk.end + 1, ahead=True))
+        return ScheduledBatch("decode", tuple(chunks)) if chunks else None
+
     def check_integrity(self) -> None:
         self.allocator.check_integrity(r.pages for r in self.requests())
         for req in self.waiting:
             assert not req.pages, f"queued request {req.rid} holds pages"
         assert len(self.running) <= self.max_running_requests
+
+
+def _needs_history(req: Request) -> bool:
+    """Sampling reads the output so far (penalties): the token in flight must be known."""
+    p = req.params
+    return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
 
 
 def _prefill_budget(chunked_prefill_size: int) -> int:

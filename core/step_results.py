@@ -39,6 +39,8 @@ class StepResultsMixin:
             batch.chunks, out.tokens, out.logprobs, prompt_lps, strict=True
         ):
             req = chunk.req
+            if req.finished:  # stopped a step ago; this row ran ahead of that (overlap)
+                continue
             req.num_computed = chunk.end
             if prompt_lp is not None:
                 first_pos, entries = prompt_lp

@@ -25,7 +25,9 @@ runner's slot table at layer 0.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -103,6 +105,7 @@ class FlashInferAttention(AttentionBackend):
         self._graph_wrappers: dict[int, Any] = {}
         self._empty_indices = torch.empty(0, dtype=torch.int32, device=device)
         self._decode_tensor_cores = decode_tensor_cores
+        self._plan_copied: torch.cuda.Event | None = None  # see _plan_guard
 
     # ---- per-step planning -------------------------------------------------------------------
 
@@ -134,7 +137,23 @@ class FlashInferAttention(AttentionBackend):
         if self._num_heads is not None:
             self._plan_pending()
 
+    @contextlib.contextmanager
+    def _plan_guard(self) -> Iterator[None]:
+        """FlashInfer's plan writes its schedule into a pinned host buffer, then queues the copy
+        to the device. With the overlap schedule, the last plan's copy may still wait behind
+        the step on the GPU: the buffer is rewritten only once that copy has run."""
+        if self._plan_copied is not None:
+            self._plan_copied.synchronize()
+        yield
+        self._plan_copied = torch.cuda.Event()
+        self._plan_copied.record()
+
     def _plan_pending(self) -> None:
+        assert self._pending is not None and self._num_heads is not None
+        with self._plan_guard():
+            self._plan_pending_unguarded()
+
+    def _plan_pending_unguarded(self) -> None:
         assert self._pending is not None and self._num_heads is not None
         kind, *args = self._pending
         self._pending = None
@@ -261,6 +280,10 @@ class FlashInferAttention(AttentionBackend):
 
     def _plan_bucket(self, bs: int, kv_lens: torch.Tensor) -> None:
         """Plan bucket `bs` for `kv_lens` (host); the page ids are the graph's to build."""
+        with self._plan_guard():
+            self._plan_bucket_unguarded(bs, kv_lens)
+
+    def _plan_bucket_unguarded(self, bs: int, kv_lens: torch.Tensor) -> None:
         indptr, last_page_len = paged_layout(kv_lens, self.pool.page_size)
         self._wrapper = self._bucket_wrapper(bs)
         if self._fast_replan and bs in self._replanned:
