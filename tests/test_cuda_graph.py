@@ -155,9 +155,9 @@ def test_gpu_replay_equals_eager_logits_in_every_bucket(graph_engine: Engine, ba
     captured: list[torch.Tensor] = []
     sample = runner._sample
 
-    def spy(b: ScheduledBatch, logits: torch.Tensor):  # type: ignore[no-untyped-def]
+    def spy(b: ScheduledBatch, logits: torch.Tensor, *args):  # type: ignore[no-untyped-def]
         captured.append(logits.float().clone())
-        return sample(b, logits)
+        return sample(b, logits, *args)
 
     runner._sample = spy  # type: ignore[method-assign]
     try:

@@ -354,9 +354,9 @@ def test_gpu_flashinfer_replay_equals_eager_logits(flashinfer_engine: object, ba
     captured: list[torch.Tensor] = []
     sample = runner._sample
 
-    def spy(b, logits):  # type: ignore[no-untyped-def]
+    def spy(b, logits, *args):  # type: ignore[no-untyped-def]
         captured.append(logits.float().clone())
-        return sample(b, logits)
+        return sample(b, logits, *args)
 
     runner._sample = spy  # type: ignore[method-assign]
     try:

@@ -24,6 +24,7 @@ from llmconsole.core.restart import (
 EDITABLE = (
     "cuda_graph_max_bs",
     "disable_cuda_graph",
+    "overlap_schedule",
     "max_running_requests",
     "chunked_prefill_size",
     "max_total_tokens",
