@@ -45,6 +45,12 @@ FLAGS: tuple[Flag, ...] = (
     Flag("dtype", str, f"{'|'.join(DTYPES)}; auto = bfloat16 on GPU, float32 on CPU", "auto"),
     Flag("seed", int, "seed for random weights and unseeded sampling", 0),
     Flag("page_size", int, "tokens per KV page", 1),
+    Flag(
+        "kv_cache_dtype",
+        str,
+        "auto|fp8_e4m3|fp8_e5m2: KV pool element type (auto: the model's; fp8 halves KV bytes)",
+        "auto",
+    ),
     Flag("max_total_tokens", int, "KV pool size in tokens (auto: 32768 on CPU, memory on GPU)"),
     Flag("mem_fraction_static", float, "share of GPU memory for weights + KV (auto 0.88)"),
     Flag("context_length", int, "longest prompt + output (auto: the model's)"),

@@ -17,6 +17,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 SPECULATIVE_ALGORITHMS = ("none", "ngram", "draft", "eagle", "eagle3")
 OVERLAP_SCHEDULE = ("auto", "on", "off")
+KV_CACHE_DTYPE_NAMES = ("auto", "fp8_e4m3", "fp8_e5m2")  # auto: the model's dtype
 # SGLang spells some algorithms differently; accept its names too.
 _SPEC_ALIASES = {"standalone": "draft", "": "none"}
 
@@ -60,6 +61,7 @@ class EngineConfig:
     seed: int = 0
     # memory
     page_size: int = 1
+    kv_cache_dtype: str = "auto"  # fp8_e4m3 / fp8_e5m2 halve the KV bytes (triton, torch)
     max_total_tokens: int | None = None  # KV pool size in tokens (CPU default; GPU derives it)
     mem_fraction_static: float | None = None
     context_length: int | None = None
@@ -97,6 +99,12 @@ class EngineConfig:
         self._check_choice("load_format", LOAD_FORMATS)
         self._check_choice("speculative_algorithm", SPECULATIVE_ALGORITHMS)
         self._check_choice("overlap_schedule", OVERLAP_SCHEDULE)
+        self._check_choice("kv_cache_dtype", KV_CACHE_DTYPE_NAMES)
+        if self.kv_cache_dtype != "auto" and self.attention_backend in ("flashinfer", "fa3"):
+            raise ConfigError(
+                f"--kv-cache-dtype {self.kv_cache_dtype} needs --attention-backend triton (or "
+                f"torch): the {self.attention_backend} kernels shipped here read bf16/fp16 KV only"
+            )
         if self.device != "auto" and not (
             self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")
         ):
@@ -175,7 +183,7 @@ class EngineConfig:
             or (None if on_gpu else CPU_DEFAULT_MAX_TOTAL_TOKENS),
             attention_backend=self.attention_backend
             if self.attention_backend != "auto"
-            else auto_attention_backend(device_type, dtype),
+            else auto_attention_backend(device_type, dtype, self.kv_cache_dtype),
             speculative_num_steps=steps,
             speculative_eagle_topk=topk,
             speculative_num_draft_tokens=draft_tokens,
@@ -215,13 +223,16 @@ class EngineConfig:
         return steps, topk, draft_tokens
 
 
-def auto_attention_backend(device_type: str, dtype: str = "bfloat16") -> str:
-    """FlashInfer on CUDA when it is installed (its kernels take bf16/fp16 only), else our Triton
-    kernels, else the torch reference (CPU). find_spec looks without importing: importing
-    flashinfer costs seconds and needs a GPU."""
+def auto_attention_backend(
+    device_type: str, dtype: str = "bfloat16", kv_cache_dtype: str = "auto"
+) -> str:
+    """FlashInfer on CUDA when it is installed (its kernels take bf16/fp16 only, and KV in the
+    same dtype), else our Triton kernels, else the torch reference (CPU). find_spec looks
+    without importing: importing flashinfer costs seconds and needs a GPU."""
     if device_type != "cuda":
         return "torch"
-    if dtype in ("bfloat16", "float16", "auto") and importlib.util.find_spec("flashinfer"):
+    half = dtype in ("bfloat16", "float16", "auto") and kv_cache_dtype == "auto"
+    if half and importlib.util.find_spec("flashinfer"):
         return "flashinfer"
     if importlib.util.find_spec("triton") is not None:
         return "triton"

@@ -121,8 +121,23 @@ class KVPoolSpec:
         return KVPoolSpec(num_layers, num_kv_heads, head_dim, page_size, usable + 1, dtype)
 
 
+# --kv-cache-dtype (SGLang's names) -> the pool's element type; "auto" is the model's dtype.
+KV_CACHE_DTYPES: dict[str, torch.dtype] = {
+    "fp8_e4m3": torch.float8_e4m3fn,
+    "fp8_e5m2": torch.float8_e5m2,
+}
+
+
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    """fp8 buffers as bytes: copies that move elements unchanged need no fp8 kernel (CPU
+    has none for index_copy_)."""
+    return t.view(torch.uint8) if t.dtype in KV_CACHE_DTYPES.values() else t
+
+
 class KVPool:
-    """K/V buffers of every layer: k[layer], v[layer]: [num_slots, Hkv, D]."""
+    """K/V buffers of every layer: k[layer], v[layer]: [num_slots, Hkv, D], in the model's
+    dtype or fp8 (--kv-cache-dtype: half the bytes of bf16 per token, no scales, as SGLang's
+    default); attention widens fp8 to the query's dtype as it reads."""
 
     def __init__(self, spec: KVPoolSpec, device: torch.device) -> None:
         self.spec = spec
@@ -137,7 +152,7 @@ class KVPool:
             torch.empty(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)
         ]
         for buf in (*self.k, *self.v):
-            buf[: spec.page_size].zero_()
+            _raw(buf[: spec.page_size]).zero_()
 
     @property
     def page_size(self) -> int:
@@ -152,8 +167,9 @@ class KVPool:
 
     def write(self, layer_id: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         # slots: [T]; k, v: [T, Hkv, D]
-        self.k[layer_id].index_copy_(0, slots, k)
-        self.v[layer_id].index_copy_(0, slots, v)
+        dtype = self.spec.dtype
+        _raw(self.k[layer_id]).index_copy_(0, slots, _raw(k.to(dtype)))
+        _raw(self.v[layer_id]).index_copy_(0, slots, _raw(v.to(dtype)))
 
 
 def slots_for_positions(pages: list[int], start: int, end: int, page_size: int) -> list[int]:

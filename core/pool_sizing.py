@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .config import EngineConfig
-from .kv_cache import KVPoolSpec
+from .kv_cache import KV_CACHE_DTYPES, KVPoolSpec
 from .model_loader import LoadedModel
 
 
@@ -21,7 +21,7 @@ def kv_pool_spec(
         num_kv_heads=mc.num_kv_heads,
         head_dim=mc.head_dim,
         page_size=config.page_size,
-        dtype=loaded.dtype,
+        dtype=KV_CACHE_DTYPES.get(config.kv_cache_dtype, loaded.dtype),
     )
     if loaded.device.type != "cuda" or config.max_total_tokens is not None:
         return KVPoolSpec.for_budget(**common, max_tokens=config.max_total_tokens)

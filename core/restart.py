@@ -27,6 +27,7 @@ GRAPH_FIELDS = frozenset({"cuda_graph_max_bs", "disable_cuda_graph"})
 REBUILD_FIELDS = frozenset(
     {
         "page_size",
+        "kv_cache_dtype",
         "max_total_tokens",
         "mem_fraction_static",
         "context_length",
@@ -42,7 +43,8 @@ RELOAD_FIELDS = frozenset({"model", "tokenizer_path", "load_format", "dtype", "s
 # What shapes the KV pool: a rebuild that changes none of these keeps the pool, and every
 # running request keeps its pages and its KV (e.g. another attention backend).
 KV_LAYOUT_FIELDS = (
-    frozenset({"page_size", "max_total_tokens", "mem_fraction_static"}) | RELOAD_FIELDS
+    frozenset({"page_size", "kv_cache_dtype", "max_total_tokens", "mem_fraction_static"})
+    | RELOAD_FIELDS
 )
 # Everything else is fixed for the life of the process (the server's address and key, the
 # device, the telemetry ring); changing it needs a new process.

@@ -82,8 +82,9 @@ def _decode_stage1(
             + offs_d[None, :]
         )
         kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_pool_ptr + kv_off, mask=kv_mask, other=0.0)  # [N, D]
-        v = tl.load(v_pool_ptr + kv_off, mask=kv_mask, other=0.0)
+        # An fp8 pool (--kv-cache-dtype) is widened to the query's dtype as it is read.
+        k = tl.load(k_pool_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)  # [N, D]
+        v = tl.load(v_pool_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [G, N]
         qk = tl.where(mask_n[None, :], qk, float("-inf"))
         # The first block of a non-empty split has a valid column, so m_new is finite.

@@ -51,8 +51,8 @@ def _attend_blocks(
         slots = tl.load(slot_row_ptr + offs_n, mask=mask_n, other=0).to(tl.int64)
         kv_off = slots[:, None] * stride_pool_slot + head_off + offs_d[None, :]
         kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_pool_ptr + kv_off, mask=kv_mask, other=0.0)  # [N, D]
-        v = tl.load(v_pool_ptr + kv_off, mask=kv_mask, other=0.0)
+        k = tl.load(k_pool_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)  # [N, D]
+        v = tl.load(v_pool_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)  # fp8 pools
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [R, N]
         if CAUSAL:
             visible = (offs_n[None, :] <= q_pos[:, None]) & mask_n[None, :]

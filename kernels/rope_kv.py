@@ -156,6 +156,9 @@ def rope_and_write_kv_ref(
         rotated = torch.cat([-x32[..., half:], x32[..., :half]], dim=-1)
         return (x32 * cos + rotated * sin).to(x.dtype)
 
-    k_pool.index_copy_(0, write_slots, rotate(k).to(k_pool.dtype))
-    v_pool.index_copy_(0, write_slots, v.to(v_pool.dtype))
+    def raw(t: torch.Tensor) -> torch.Tensor:  # fp8 pools: no fp8 index_copy_ everywhere
+        return t.view(torch.uint8) if t.element_size() == 1 else t
+
+    raw(k_pool).index_copy_(0, write_slots, raw(rotate(k).to(k_pool.dtype)))
+    raw(v_pool).index_copy_(0, write_slots, raw(v.to(v_pool.dtype)))
     return rotate(q)

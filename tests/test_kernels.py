@@ -387,7 +387,8 @@ def test_gpu_norm_and_activation(cuda: torch.device) -> None:
 
 
 @pytest.mark.gpu
-def test_gpu_rope_kv(cuda: torch.device) -> None:
+@pytest.mark.parametrize("kv", ["bf16", "fp8_e4m3"])
+def test_gpu_rope_kv(cuda: torch.device, kv: str) -> None:
     from llmconsole.kernels import rope_kv
 
     tokens, page_size = 300, 16
@@ -398,28 +399,45 @@ def test_gpu_rope_kv(cuda: torch.device) -> None:
     positions = torch.randint(0, 8192, (tokens,), device=cuda)
     kv_slots, num_pages = page_tables([tokens], page_size, torch.Generator().manual_seed(0))
     slots = kv_slots[0].to(cuda)
-    k_pool, v_pool = random_pool(
-        num_pages * page_size, HKV, D, page_size, device=cuda, dtype=torch.bfloat16
+    k_pool, v_pool = (
+        pool.to(KV_DTYPES[kv])
+        for pool in random_pool(
+            num_pages * page_size, HKV, D, page_size, device=cuda, dtype=torch.bfloat16
+        )
     )
     k_ref, v_ref = k_pool.clone(), v_pool.clone()
     want = rope_kv.rope_and_write_kv_ref(q, k, v, positions, cache, k_ref, v_ref, slots)
     got = rope_kv.rope_and_write_kv(q.clone(), k, v, positions, cache, k_pool, v_pool, slots)
     torch.testing.assert_close(got, want)
-    torch.testing.assert_close(k_pool, k_ref)
-    assert torch.equal(v_pool, v_ref)
+    if kv == "bf16":
+        torch.testing.assert_close(k_pool, k_ref)
+        assert torch.equal(v_pool, v_ref)
+    else:  # the kernel rounds fp32 to fp8 once, the reference via bf16: one fp8 step apart
+        torch.testing.assert_close(k_pool.float(), k_ref.float(), rtol=0.13, atol=2e-3)
+        torch.testing.assert_close(v_pool.float(), v_ref.float(), rtol=0.13, atol=2e-3)
+        assert k_pool.dtype == torch.float8_e4m3fn
+
+
+KV_DTYPES = {"bf16": torch.bfloat16, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kv", ["bf16", "fp8_e4m3"])
 @pytest.mark.parametrize("page_size", [1, 16])
 @pytest.mark.parametrize("batch", [1, 7, 64])
-def test_gpu_decode_attention(cuda: torch.device, batch: int, page_size: int) -> None:
+def test_gpu_decode_attention(cuda: torch.device, batch: int, page_size: int, kv: str) -> None:
+    """fp8 pools (--kv-cache-dtype): the kernel widens what it reads; the reference reads the
+    same fp8 values, so the bounds are bf16's either way."""
     from llmconsole.kernels import decode_attention as da
 
     gen = torch.Generator().manual_seed(batch)
     kv_lens = [4096] if batch == 1 else torch.randint(1, 4097, (batch,), generator=gen).tolist()
     kv_slots, num_pages = page_tables(kv_lens, page_size, gen)
-    k_pool, v_pool = random_pool(
-        num_pages * page_size, HKV, D, page_size, device=cuda, dtype=torch.bfloat16
+    k_pool, v_pool = (
+        pool.to(KV_DTYPES[kv])
+        for pool in random_pool(
+            num_pages * page_size, HKV, D, page_size, device=cuda, dtype=torch.bfloat16
+        )
     )
     q = torch.randn(batch, H, D, device=cuda, dtype=torch.bfloat16)
     args = (q, k_pool, v_pool, kv_slots.to(cuda), torch.tensor(kv_lens, device=cuda), D**-0.5)
@@ -429,15 +447,19 @@ def test_gpu_decode_attention(cuda: torch.device, batch: int, page_size: int) ->
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kv", ["bf16", "fp8_e5m2"])
 @pytest.mark.parametrize("page_size", [1, 16])
-def test_gpu_extend_attention(cuda: torch.device, page_size: int) -> None:
+def test_gpu_extend_attention(cuda: torch.device, page_size: int, kv: str) -> None:
     from llmconsole.kernels import extend_attention as ea
 
     spans = [(0, 1000), (3000, 1096), (17, 1), (512, 300), (0, 5)]
     gen = torch.Generator().manual_seed(page_size)
     kv_slots, num_pages = page_tables([p + e for p, e in spans], page_size, gen)
-    k_pool, v_pool = random_pool(
-        num_pages * page_size, HKV, D, page_size, device=cuda, dtype=torch.bfloat16
+    k_pool, v_pool = (
+        pool.to(KV_DTYPES[kv])
+        for pool in random_pool(
+            num_pages * page_size, HKV, D, page_size, device=cuda, dtype=torch.bfloat16
+        )
     )
     extend = torch.tensor([e for _, e in spans], device=cuda)
     prefix = torch.tensor([p for p, _ in spans], device=cuda)

@@ -30,6 +30,7 @@ EDITABLE = (
     "max_total_tokens",
     "mem_fraction_static",
     "page_size",
+    "kv_cache_dtype",
     "context_length",
     "attention_backend",
     "speculative_algorithm",

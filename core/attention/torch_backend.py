@@ -109,6 +109,8 @@ class TorchAttention(AttentionBackend):
         else:
             keys = self.pool.k[layer_id].index_select(0, self._kv_flat).view(kv_shape)
             values = self.pool.v[layer_id].index_select(0, self._kv_flat).view(kv_shape)
+        if keys.dtype != q.dtype:  # an fp8 pool (--kv-cache-dtype): widen what was read
+            keys, values = keys.to(q.dtype), values.to(q.dtype)
         keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # [B, Hkv, Kmax, D]
         if self._is_causal:
             queries = q[None]  # [1, T, H, D]

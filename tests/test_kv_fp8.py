@@ -1,0 +1,152 @@
+"""--kv-cache-dtype fp8_e4m3 / fp8_e5m2: the KV pool holds one byte per element (twice the tokens
+of bf16 in the same memory), attention widens it as it reads, outputs stay close to the
+full-precision pool's, and the flag is refused where the kernels cannot read fp8."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from engine_utils import save_random_llama, wait_idle
+
+from llmconsole.core import Engine, EngineConfig, SamplingParams
+from llmconsole.core.config import ConfigError
+from llmconsole.core.kv_cache import KVPoolSpec
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time",
+    "List the planets of the solar system:",
+    "Water boils at",
+]
+GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+
+
+def _agreement(got: list[list[int]], want: list[list[int]]) -> float:
+    """Share of tokens before each sequence's first disagreement (greedy paths part for good
+    once one token differs)."""
+    same = 0
+    for a, b in zip(got, want, strict=True):
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        same += n
+    return same / sum(len(b) for b in want)
+
+
+@pytest.fixture(scope="module")
+def full_precision(engine: Engine) -> list[list[int]]:
+    return [r.token_ids for r in engine.generate(PROMPTS, GREEDY)]
+
+
+@pytest.fixture(scope="module")
+def fp8_engine() -> Iterator[Engine]:
+    with Engine(EngineConfig(kv_cache_dtype="fp8_e4m3")) as eng:
+        yield eng
+
+
+def test_fp8_pool_holds_one_byte_per_element_and_stays_close(
+    fp8_engine: Engine, full_precision: list[list[int]]
+) -> None:
+    pool = fp8_engine.pool
+    assert all(buf.dtype == torch.float8_e4m3fn for buf in (*pool.k, *pool.v))
+    assert pool.spec.bytes_per_page == 2 * 30 * 3 * 64  # layers x kv heads x head dim, 1 byte
+    got = [r.token_ids for r in fp8_engine.generate(PROMPTS, GREEDY)]
+    assert _agreement(got, full_precision) >= 0.75
+    wait_idle(fp8_engine)
+    fp8_engine.check_integrity()
+
+
+def test_fp8_e5m2_serves_with_chunked_prefill_and_retraction() -> None:
+    """Fewer mantissa bits (e5m2): still a working engine under chunking and a pool too small
+    for every request at once; nothing is lost and every page comes back."""
+    config = EngineConfig(kv_cache_dtype="fp8_e5m2", chunked_prefill_size=8, max_total_tokens=96)
+    with Engine(config) as eng:
+        assert eng.pool.k[0].dtype == torch.float8_e5m2
+        results = eng.generate(PROMPTS, GREEDY)
+        assert [len(r.token_ids) for r in results] == [24] * len(PROMPTS)
+        assert all(r.finish_reason == "length" for r in results)
+        wait_idle(eng)
+        eng.check_integrity()
+
+
+def test_same_memory_holds_twice_the_tokens_of_bf16() -> None:
+    budget = 1 << 30
+    shape = dict(num_layers=32, num_kv_heads=8, head_dim=128, page_size=16)
+    bf16 = KVPoolSpec.for_budget(**shape, dtype=torch.bfloat16, max_bytes=budget)
+    fp8 = KVPoolSpec.for_budget(**shape, dtype=torch.float8_e4m3fn, max_bytes=budget)
+    assert fp8.num_pages == 2 * bf16.num_pages  # pages of the budget, the dummy page included
+
+
+def test_flashinfer_with_fp8_kv_is_refused_and_auto_picks_triton() -> None:
+    with pytest.raises(ConfigError, match="--kv-cache-dtype fp8_e4m3 needs --attention-backend"):
+        EngineConfig(kv_cache_dtype="fp8_e4m3", attention_backend="flashinfer")
+    with pytest.raises(ConfigError, match="--kv-cache-dtype must be one of auto, fp8_e4m3"):
+        EngineConfig(kv_cache_dtype="int4")
+    resolved = EngineConfig(kv_cache_dtype="fp8_e4m3").resolve("cuda", 80)
+    assert resolved.attention_backend in ("triton", "torch")
+    assert EngineConfig().resolve("cpu").attention_backend == "torch"
+
+
+def test_switching_to_fp8_live_re_prefills_requests_in_flight(engine: Engine) -> None:
+    """A KV-layout change: the pool is rebuilt in fp8 and running requests are re-prefilled
+    into it, keeping what they generated."""
+    params = SamplingParams(max_tokens=48, temperature=0, ignore_eos=True)
+    handles = [engine.submit(p, params) for p in PROMPTS[:3]]
+    first = [len(h.get(timeout=60).token_ids) for h in handles]  # each has started decoding
+    try:
+        result = engine.restart({"kv_cache_dtype": "fp8_e4m3"})
+        assert result.mode == "rebuild" and not result.kv_kept
+        assert engine.pool.k[0].dtype == torch.float8_e4m3fn
+        done = [h.result() for h in handles]
+        assert [n + len(r.token_ids) for n, r in zip(first, done, strict=True)] == [48] * 3
+        assert all(r.finish_reason == "length" for r in done)
+    finally:
+        engine.restart({"kv_cache_dtype": "auto"})
+    assert engine.pool.k[0].dtype == torch.float32
+    wait_idle(engine)
+    engine.check_integrity()
+
+
+# ---- GPU: our Triton kernels read the fp8 pool inside CUDA graphs ------------------------------
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def tiny_gpu_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-llama-fp8")
+    save_random_llama(path, hidden_size=512, max_positions=2048, dtype=torch.bfloat16)
+    return path
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_fp8_kv_with_triton_graphs_follows_bf16_kv(tiny_gpu_llama: Path) -> None:
+    gen = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(0, 512, (int(n),), generator=gen).tolist()
+               for n in torch.randint(1, 400, (10,), generator=gen)]  # fmt: skip
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    tokens, pages = {}, {}
+    for kv in ("auto", "fp8_e4m3"):
+        config = EngineConfig(
+            model=str(tiny_gpu_llama),
+            device="cuda",
+            dtype="bfloat16",
+            attention_backend="triton",
+            cuda_graph_max_bs=8,
+            mem_fraction_static=0.5,
+            kv_cache_dtype=kv,
+        )
+        with Engine(config) as eng:
+            tokens[kv] = [r.token_ids for r in eng.generate(prompts, params)]
+            pages[kv] = eng.pool.spec.num_pages
+            assert eng.pool.k[0].element_size() == (1 if kv != "auto" else 2)
+            assert eng.runner.graphs is not None
+            wait_idle(eng)
+            eng.check_integrity()
+    assert pages["fp8_e4m3"] > 1.9 * pages["auto"]  # the same memory share, twice the tokens
+    assert _agreement(tokens["fp8_e4m3"], tokens["auto"]) >= 0.6
