@@ -123,30 +123,47 @@ def tiny_gpu_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+NEAR_TIE = 0.25  # logprob gap under which bf16 rounding may pick either of the top two
+
+
 @pytest.mark.gpu
 @needs_gpu
-def test_gpu_fp8_kv_with_triton_graphs_follows_bf16_kv(tiny_gpu_llama: Path) -> None:
+def test_gpu_triton_graphs_read_the_fp8_pool_like_the_torch_reference(
+    tiny_gpu_llama: Path,
+) -> None:
+    """Both backends read the same fp8 KV (on CUDA the fused rope kernel writes it for either),
+    the Triton one from decode CUDA graphs: greedy paths may part only at near-ties. (How
+    close fp8 stays to a full-precision pool is a property of the model; a random one has
+    near-flat logits, so that is checked on the real default model, on CPU.)"""
     gen = torch.Generator().manual_seed(7)
     prompts = [torch.randint(0, 512, (int(n),), generator=gen).tolist()
                for n in torch.randint(1, 400, (10,), generator=gen)]  # fmt: skip
-    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
-    tokens, pages = {}, {}
-    for kv in ("auto", "fp8_e4m3"):
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=2)
+    results = {}
+    for backend in ("torch", "triton"):
         config = EngineConfig(
             model=str(tiny_gpu_llama),
             device="cuda",
             dtype="bfloat16",
-            attention_backend="triton",
+            attention_backend=backend,
             cuda_graph_max_bs=8,
-            mem_fraction_static=0.5,
-            kv_cache_dtype=kv,
+            max_total_tokens=16384,
+            kv_cache_dtype="fp8_e4m3",
         )
         with Engine(config) as eng:
-            tokens[kv] = [r.token_ids for r in eng.generate(prompts, params)]
-            pages[kv] = eng.pool.spec.num_pages
-            assert eng.pool.k[0].element_size() == (1 if kv != "auto" else 2)
-            assert eng.runner.graphs is not None
+            assert eng.pool.k[0].dtype == torch.float8_e4m3fn
+            assert (eng.runner.graphs is not None) == (backend == "triton")
+            results[backend] = eng.generate(prompts, params)
             wait_idle(eng)
             eng.check_integrity()
-    assert pages["fp8_e4m3"] > 1.9 * pages["auto"]  # the same memory share, twice the tokens
-    assert _agreement(tokens["fp8_e4m3"], tokens["auto"]) >= 0.6
+    got, want = results["triton"], results["torch"]
+    assert _agreement([r.token_ids for r in got], [r.token_ids for r in want]) >= 0.6
+    for a, b in zip(got, want, strict=True):
+        n = next(
+            (i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids, strict=True)) if x != y),
+            None,
+        )
+        if n is not None:  # where they part, each side's top two were nearly tied
+            for r in (a, b):
+                top = r.logprobs[n].top
+                assert top[0][1] - top[1][1] < NEAR_TIE, f"parted at a clear winner: {top}"
