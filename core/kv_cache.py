@@ -171,6 +171,12 @@ class KVPool:
         _raw(self.k[layer_id]).index_copy_(0, slots, _raw(k.to(dtype)))
         _raw(self.v[layer_id]).index_copy_(0, slots, _raw(v.to(dtype)))
 
+    def copy_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """K/V of slots `src` -> slots `dst`, every layer (sources are read before any write)."""
+        for buf in (*self.k, *self.v):
+            raw = _raw(buf)
+            raw.index_copy_(0, dst, raw.index_select(0, src))
+
 
 def slots_for_positions(pages: list[int], start: int, end: int, page_size: int) -> list[int]:
     """Slots of token positions [start, end) of a request whose page table is `pages`."""

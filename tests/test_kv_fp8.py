@@ -13,7 +13,7 @@ from engine_utils import save_random_llama, wait_idle
 
 from llmconsole.core import Engine, EngineConfig, SamplingParams
 from llmconsole.core.config import ConfigError
-from llmconsole.core.kv_cache import KVPoolSpec
+from llmconsole.core.kv_cache import KVPool, KVPoolSpec
 
 PROMPTS = [
     "The capital of France is",
@@ -167,3 +167,57 @@ def test_gpu_triton_graphs_read_the_fp8_pool_like_the_torch_reference(
             for r in (a, b):
                 top = r.logprobs[n].top
                 assert top[0][1] - top[1][1] < NEAR_TIE, f"parted at a clear winner: {top}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float8_e4m3fn, torch.float8_e5m2])
+def test_copy_slots_moves_kv_bytes_exactly(dtype: torch.dtype) -> None:
+    pool = KVPool(KVPoolSpec(2, 3, 8, 4, 6, dtype), torch.device("cpu"))
+    for buf in (*pool.k, *pool.v):
+        buf.copy_(torch.randn(buf.shape).to(dtype))
+    before = [buf.clone() for buf in (*pool.k, *pool.v)]
+    src, dst = torch.tensor([5, 9, 13]), torch.tensor([9, 20, 21])  # 9 is read, then written
+    pool.copy_slots(src, dst)
+    for old, new in zip(before, (*pool.k, *pool.v), strict=True):
+        raw_old, raw_new = old.view(torch.uint8), new.view(torch.uint8)
+        assert torch.equal(raw_new[dst], raw_old[src])
+        keep = torch.ones(len(old), dtype=torch.bool)
+        keep[dst] = False
+        assert torch.equal(raw_new[keep], raw_old[keep])
+
+
+def test_eagle_trees_on_an_fp8_pool_move_side_branches(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Accepted side branches have their KV moved to their new slots (byte copies, which CPU
+    has no fp8 kernel for otherwise). The tree follows the fp8 pool's own plain greedy text:
+    fp8 rounds the K/V a verify pass computes where a decode pass would, and a last-bit
+    difference can land on either side of an fp8 step, so near-ties may part."""
+    from test_spec_eagle import _echo_head
+
+    from llmconsole.core.spec import tree_verify
+
+    moved: list[int] = []
+    real_move = tree_verify._move_kv
+
+    def counting_move(runner, src, dst):  # the real move runs; the test counts side branches
+        moved.append(len(src))
+        real_move(runner, src, dst)
+
+    monkeypatch.setattr(tree_verify, "_move_kv", counting_move)
+    plain = EngineConfig(kv_cache_dtype="fp8_e4m3")
+    head = _echo_head(tmp_path / "echo", engine.loaded.model_config)
+    tree = plain.replace(
+        speculative_algorithm="eagle",
+        speculative_draft_model_path=str(head),
+        speculative_eagle_topk=3,
+        speculative_num_steps=3,
+        speculative_num_draft_tokens=6,
+    )
+    results = {}
+    for name, config in (("plain", plain), ("tree", tree)):
+        with Engine(config) as eng:
+            results[name] = [r.token_ids for r in eng.generate(PROMPTS, GREEDY)]
+            wait_idle(eng)
+            eng.check_integrity()
+    assert sum(moved) > 0, "no side branch was accepted: the fp8 KV move went untested"
+    assert _agreement(results["tree"], results["plain"]) >= 0.75

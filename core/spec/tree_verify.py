@@ -145,6 +145,4 @@ def _move_kv(runner: ModelRunner, src: list[int], dst: list[int]) -> None:
         return
     packed = int64_to_device(src + dst, runner.device)
     src_d, dst_d = packed.split(len(src))
-    pool = runner.pool
-    for buf in (*pool.k, *pool.v):
-        buf.index_copy_(0, dst_d, buf.index_select(0, src_d))
+    runner.pool.copy_slots(src_d, dst_d)
