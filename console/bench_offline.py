@@ -23,6 +23,18 @@ from .bench_common import append_jsonl, check_min, fail, json_rows, machine_info
 from .bench_hf import HFReference
 from .bench_runs import RunRecords, RunStats, build_prompts, run_ours, warm_up
 
+ROW_FLAGS = (
+    "attention_backend",
+    "cuda_graph_max_bs",
+    "disable_cuda_graph",
+    "overlap_schedule",
+    "kv_cache_dtype",
+    "page_size",
+    "max_running_requests",
+    "chunked_prefill_size",
+    "speculative_algorithm",
+)
+
 if TYPE_CHECKING:
     from llmconsole.core import Engine
 
@@ -183,6 +195,9 @@ def bench_offline(
             "model": engine.model_name,
             "device": cfg.device,
             "dtype": cfg.dtype,
+            # The resolved flags that shape a decode step, so rows from runs with different
+            # flags (e.g. --overlap-schedule on / off) tell themselves apart.
+            **{name: getattr(cfg, name) for name in ROW_FLAGS},
             "dataset": args.dataset,
             "max_tokens": args.max_tokens,
             "time": time.time(),

@@ -52,6 +52,13 @@ def test_offline_counts_exactly_max_tokens_per_request(invoke, tmp_path: Path) -
     assert row["seconds"] > 0 and row["output_tok_s"] > 0
     assert row["decode_steps"] >= 3 and row["decode_batch_median"] >= 1
     assert row["cpu_count"] == os.cpu_count() and "torch_version" in row
+    # the resolved flags travel with the row (CPU: torch attention, no graphs, no overlap)
+    assert (row["attention_backend"], row["overlap_schedule"], row["kv_cache_dtype"]) == (
+        "torch",
+        "off",
+        "auto",
+    )
+    assert row["cuda_graph_max_bs"] is None and row["page_size"] == 1
 
 
 def test_compare_hf_rounds_alternate_and_report_a_median(invoke, tmp_path: Path) -> None:
