@@ -1,8 +1,9 @@
 """Bridges between the engine thread and asyncio handlers: submit, stream deltas, abort on exit.
 
-A request's deltas are handed from the engine thread to the event loop with
-`call_soon_threadsafe` (no executor thread per request), and leaving a stream early — a client
-that disconnected, a cancelled handler — aborts the engine request so its KV pages come back.
+A request's deltas go from the engine thread to the event loop through the loop's
+`LoopMailbox` (no executor thread per request, one loop wakeup per batch of deltas), and
+leaving a stream early — a client that disconnected, a cancelled handler — aborts the engine
+request so its KV pages come back.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import re
+import threading
+import weakref
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,18 +24,60 @@ from .errors import APIError
 from .schemas import SamplingFields
 
 
+class LoopMailbox:
+    """Deltas from the engine thread to one event loop, many per wakeup. The engine thread
+    appends under a lock and wakes the loop only when the mailbox was empty, so a decode step
+    that feeds N streams costs the loop one wakeup (one self-pipe write), not N; the loop then
+    hands every waiting delta to its stream's queue in arrival order."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._waiting: list[tuple[asyncio.Queue[Delta], Delta]] = []
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> LoopMailbox:
+        mailbox = _MAILBOXES.get(loop)
+        if mailbox is None:
+            mailbox = _MAILBOXES[loop] = cls(loop)
+        return mailbox
+
+    def post(self, queue: asyncio.Queue[Delta], delta: Delta) -> None:  # engine thread
+        with self._lock:
+            wake = not self._waiting
+            self._waiting.append((queue, delta))
+        if wake:
+            try:
+                self._loop.call_soon_threadsafe(self._deliver)
+            except RuntimeError:  # the loop is closed: nobody reads these any more
+                with self._lock:
+                    self._waiting.clear()
+                raise
+
+    def _deliver(self) -> None:  # event loop
+        with self._lock:
+            waiting, self._waiting = self._waiting, []
+        for queue, delta in waiting:
+            queue.put_nowait(delta)
+
+
+_MAILBOXES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopMailbox] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 class DeltaStream:
     """One engine request seen from the event loop."""
 
     def __init__(self, engine: Engine, prompt_ids: list[int], params: SamplingParams) -> None:
-        self._loop = asyncio.get_running_loop()
+        self._mailbox = LoopMailbox.of(asyncio.get_running_loop())
         self._queue: asyncio.Queue[Delta] = asyncio.Queue()
         self.prompt_ids = prompt_ids
         self.handle = engine.submit(prompt_ids, params, sink=self._sink)
         self.finished = False
 
     def _sink(self, delta: Delta) -> None:  # engine thread
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, delta)
+        self._mailbox.post(self._queue, delta)
 
     async def __aiter__(self) -> AsyncIterator[Delta]:
         try:
