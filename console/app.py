@@ -7,6 +7,7 @@ The engine never waits for the UI: a timer (10 Hz) drains the telemetry ring buf
 from __future__ import annotations
 
 import datetime as dt
+import os
 import socket
 import sys
 import time
@@ -72,8 +73,12 @@ REFRESH_S = 0.1  # ≤10 Hz, as the panels promise
 # with CPython's default 5 ms switch interval a busy UI makes each of those waits long enough to
 # cost the engine ~6-9% of its tok/s on a 2-core CPU; at 1 ms the difference is in the noise.
 GIL_SWITCH_INTERVAL_S = 0.001
-PAINT_EVERY = 5  # ticks between repaints of the panels
-CHART_EVERY = 20  # ticks between chart redraws (a multiple of PAINT_EVERY)
+# Ticks between repaints of the panels, and of the chart (a multiple of it): 2 Hz and every
+# 2 s where there are cores to spare; on a small machine (under 4 cores) the painting takes
+# CPU from the engine's own threads, so 1 Hz and every 4 s.
+SMALL_MACHINE = (os.cpu_count() or 1) < 4
+PAINT_EVERY = 10 if SMALL_MACHINE else 5
+CHART_EVERY = 4 * PAINT_EVERY
 
 
 class ConsoleApp(App[None]):
