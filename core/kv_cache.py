@@ -128,10 +128,13 @@ KV_CACHE_DTYPES: dict[str, torch.dtype] = {
 }
 
 
+_FP8 = frozenset(KV_CACHE_DTYPES.values())
+
+
 def _raw(t: torch.Tensor) -> torch.Tensor:
     """fp8 buffers as bytes: copies that move elements unchanged need no fp8 kernel (CPU
     has none for index_copy_)."""
-    return t.view(torch.uint8) if t.dtype in KV_CACHE_DTYPES.values() else t
+    return t.view(torch.uint8) if t.dtype in _FP8 else t
 
 
 class KVPool:
@@ -167,9 +170,13 @@ class KVPool:
 
     def write(self, layer_id: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         # slots: [T]; k, v: [T, Hkv, D]
-        dtype = self.spec.dtype
-        _raw(self.k[layer_id]).index_copy_(0, slots, _raw(k.to(dtype)))
-        _raw(self.v[layer_id]).index_copy_(0, slots, _raw(v.to(dtype)))
+        if self.spec.dtype in _FP8:  # narrowed here, stored as bytes
+            k, v = _raw(k.to(self.spec.dtype)), _raw(v.to(self.spec.dtype))
+            _raw(self.k[layer_id]).index_copy_(0, slots, k)
+            _raw(self.v[layer_id]).index_copy_(0, slots, v)
+            return
+        self.k[layer_id].index_copy_(0, slots, k)
+        self.v[layer_id].index_copy_(0, slots, v)
 
     def copy_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """K/V of slots `src` -> slots `dst`, every layer (sources are read before any write)."""

@@ -73,10 +73,7 @@ class SamplingBatch:
         temps = [0.0 if p.greedy else float(p.temperature) for p in params]
         sampled = [p for p in params if not p.greedy]  # greedy rows ignore truncation
         top_ks = [vocab_size if p.top_k == -1 else min(p.top_k, vocab_size) for p in params]
-        need_penalties = any(
-            p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
-            for p in params
-        )
+        need_penalties = any(p.penalized for p in params)
         wanted = [p.logprobs for p in params if p.logprobs is not None]
         return SamplingBatch(
             temperatures=f32(temps),

@@ -126,6 +126,15 @@ class SamplingParams:
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
 
     @property
+    def penalized(self) -> bool:
+        """Sampling reads the tokens so far (repetition / frequency / presence penalty)."""
+        return (
+            self.repetition_penalty != 1.0
+            or self.frequency_penalty != 0.0
+            or self.presence_penalty != 0.0
+        )
+
+    @property
     def greedy(self) -> bool:
         """True when sampling collapses to argmax, so the sampler can skip the random path."""
         return self.temperature == 0 or self.top_k == 1

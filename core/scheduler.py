@@ -238,7 +238,7 @@ class Scheduler:
         chunks: list[Chunk] = []
         for chunk in live:
             req = chunk.req
-            if not chunk.samples or _needs_history(req):
+            if not chunk.samples or req.params.penalized:  # needs the token in flight
                 return None
             if len(req.output_ids) + 1 >= req.max_new_tokens:
                 continue
@@ -252,12 +252,6 @@ class Scheduler:
         for req in self.waiting:
             assert not req.pages, f"queued request {req.rid} holds pages"
         assert len(self.running) <= self.max_running_requests
-
-
-def _needs_history(req: Request) -> bool:
-    """Sampling reads the output so far (penalties): the token in flight must be known."""
-    p = req.params
-    return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
 
 
 def _prefill_budget(chunked_prefill_size: int) -> int:

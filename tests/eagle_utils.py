@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -64,3 +65,18 @@ def save_eagle_head(
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"))
     (folder / "config.json").write_text(json.dumps(config, default=str))
     return folder
+
+
+def count_kv_moves(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Slots moved per tree verify pass (accepted side branches); the real move still runs."""
+    from llmconsole.core.spec import tree_verify
+
+    moved: list[int] = []
+    real_move = tree_verify._move_kv
+
+    def counting_move(runner, src, dst):  # type: ignore[no-untyped-def]
+        moved.append(len(src))
+        real_move(runner, src, dst)
+
+    monkeypatch.setattr(tree_verify, "_move_kv", counting_move)
+    return moved

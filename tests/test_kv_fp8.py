@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_utils import save_random_llama, wait_idle
+from eagle_utils import count_kv_moves
+from engine_utils import wait_idle
 
 from llmconsole.core import Engine, EngineConfig, SamplingParams
 from llmconsole.core.config import ConfigError
@@ -116,20 +117,13 @@ def test_switching_to_fp8_live_re_prefills_requests_in_flight(engine: Engine) ->
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.fixture(scope="module")
-def tiny_gpu_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("tiny-llama-fp8")
-    save_random_llama(path, hidden_size=512, max_positions=2048, dtype=torch.bfloat16)
-    return path
-
-
 NEAR_TIE = 0.25  # logprob gap under which bf16 rounding may pick either of the top two
 
 
 @pytest.mark.gpu
 @needs_gpu
 def test_gpu_triton_graphs_read_the_fp8_pool_like_the_torch_reference(
-    tiny_gpu_llama: Path,
+    tiny_bf16_llama: Path,
 ) -> None:
     """Both backends read the same fp8 KV (on CUDA the fused rope kernel writes it for either),
     the Triton one from decode CUDA graphs: greedy paths may part only at near-ties. (How
@@ -142,7 +136,7 @@ def test_gpu_triton_graphs_read_the_fp8_pool_like_the_torch_reference(
     results = {}
     for backend in ("torch", "triton"):
         config = EngineConfig(
-            model=str(tiny_gpu_llama),
+            model=str(tiny_bf16_llama),
             device="cuda",
             dtype="bfloat16",
             attention_backend=backend,
@@ -194,16 +188,7 @@ def test_eagle_trees_on_an_fp8_pool_move_side_branches(
     difference can land on either side of an fp8 step, so near-ties may part."""
     from test_spec_eagle import _echo_head
 
-    from llmconsole.core.spec import tree_verify
-
-    moved: list[int] = []
-    real_move = tree_verify._move_kv
-
-    def counting_move(runner, src, dst):  # the real move runs; the test counts side branches
-        moved.append(len(src))
-        real_move(runner, src, dst)
-
-    monkeypatch.setattr(tree_verify, "_move_kv", counting_move)
+    moved = count_kv_moves(monkeypatch)
     plain = EngineConfig(kv_cache_dtype="fp8_e4m3")
     head = _echo_head(tmp_path / "echo", engine.loaded.model_config)
     tree = plain.replace(

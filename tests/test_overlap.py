@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_utils import save_random_llama, wait_idle, wait_until
+from engine_utils import wait_idle, wait_until
 
 from llmconsole.core import Engine, EngineConfig, SamplingParams
 from llmconsole.core.kv_cache import PageAllocator
@@ -211,17 +211,10 @@ def test_schedule_ahead_refuses_when_pages_run_short() -> None:
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.fixture(scope="module")
-def tiny_gpu_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("tiny-llama-overlap")
-    save_random_llama(path, hidden_size=512, max_positions=2048, dtype=torch.bfloat16)
-    return path
-
-
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("backend", ["triton", "flashinfer"])
-def test_gpu_overlap_gives_the_plain_schedule_tokens(tiny_gpu_llama: Path, backend: str) -> None:
+def test_gpu_overlap_gives_the_plain_schedule_tokens(tiny_bf16_llama: Path, backend: str) -> None:
     """12 requests with --cuda-graph-max-bs 8: eager steps (input ids from the device) until
     enough have ended, then graph replays; requests end at different lengths, so later steps
     pick their input ids out of the step before. Same kernels, same batches: the same tokens
@@ -237,7 +230,7 @@ def test_gpu_overlap_gives_the_plain_schedule_tokens(tiny_gpu_llama: Path, backe
     results, records = {}, {}
     for mode in ("off", "on"):
         config = EngineConfig(
-            model=str(tiny_gpu_llama),
+            model=str(tiny_bf16_llama),
             device="cuda",
             dtype="bfloat16",
             max_total_tokens=16384,

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from eagle_utils import count_kv_moves
 from engine_utils import wait_idle
 from test_spec_eagle import PROMPTS, _echo_head, _verify_steps, gpu_reference, greedy
 
-import llmconsole.core.spec.tree_verify as tree_verify
 from llmconsole.core import Engine, EngineConfig, SamplingParams
 from llmconsole.core.config import ConfigError
 from llmconsole.core.spec.tree import Candidate, ancestors, select_tree, tree_depths, walk_tree
@@ -104,14 +104,7 @@ def reference(engine: Engine) -> list[list[int]]:
 def test_trees_are_lossless_and_accept_side_branches(
     tmp_path: Path, engine: Engine, reference: list[list[int]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    moved: list[int] = []
-    real_move = tree_verify._move_kv
-
-    def counting_move(runner, src, dst):  # the real move runs; the test counts side branches
-        moved.append(len(src))
-        real_move(runner, src, dst)
-
-    monkeypatch.setattr(tree_verify, "_move_kv", counting_move)
+    moved = count_kv_moves(monkeypatch)
     cfg = EngineConfig(
         speculative_algorithm="eagle",
         # The echo head's children of every node are the target's top 3 at the position

@@ -142,10 +142,11 @@ class FlashInferAttention(AttentionBackend):
         """FlashInfer's plan writes its schedule into a pinned host buffer, then queues the copy
         to the device. With the overlap schedule, the last plan's copy may still wait behind
         the step on the GPU: the buffer is rewritten only once that copy has run."""
-        if self._plan_copied is not None:
+        if self._plan_copied is None:
+            self._plan_copied = torch.cuda.Event()
+        else:
             self._plan_copied.synchronize()
         yield
-        self._plan_copied = torch.cuda.Event()
         self._plan_copied.record()
 
     def _plan_pending(self) -> None:
