@@ -1,6 +1,11 @@
 """`llmconsole bench console`: does the open console slow the engine? The same load, from the
 console's own load generator, runs headless and with the console app open, alternating in one
-process; the figure is the ratio of engine output tok/s (median over rounds)."""
+process; the figure is the ratio of engine output tok/s (median over rounds).
+
+Rounds alternate which side goes first (headless, console | console, headless | ...), so a drift
+in the machine's speed over the run does not always favour one side. The console side opens the
+app and lets its first layout and paint finish before the load starts: the figure is the cost of
+a console that is open, as an operator has it when they fire a load, not of opening one."""
 
 from __future__ import annotations
 
@@ -20,6 +25,29 @@ from llmconsole.core.telemetry import StepRecord
 
 from .bench_common import append_jsonl, check_min, machine_info
 from .load_runner import LoadOutcome, LoadRunner, LoadSettings
+
+SETTLE_S = 2.0
+
+
+def round_order(index: int) -> tuple[str, str]:
+    """Which side runs first in round `index`: alternating, so drift cancels over rounds."""
+    return ("headless", "console") if index % 2 == 0 else ("console", "headless")
+
+
+Row = dict[str, Any]
+
+
+def round_pairs(rows: list[Row]) -> list[tuple[Row, Row]]:
+    """(headless, console) per round, whichever ran first."""
+    by_key = {(r["round"], r["mode"]): r for r in rows}
+    rounds = sorted({r["round"] for r in rows})
+    return [(by_key[i, "headless"], by_key[i, "console"]) for i in rounds]
+
+
+def round_ratio(headless: Row, console: Row) -> float | None:
+    if not headless["engine_tok_s"]:
+        return None
+    return float(console["engine_tok_s"] / headless["engine_tok_s"])
 
 
 def engine_tokens_per_s(engine: Engine, since_step: int) -> float:
@@ -59,6 +87,9 @@ def run_with_console(engine: Engine, settings: LoadSettings) -> tuple[float, Loa
 
     async def drive() -> None:
         async with app.run_test(size=(120, 40)):
+            # A plain sleep (Pilot.pause() would add its own work): mounting and the first
+            # paints are over within it, and the periodic repaints have begun.
+            await asyncio.sleep(SETTLE_S)
             runners.append(app.start_load(settings))
             while runners[0].running:
                 # A plain sleep: Pilot.pause() would add its own work to the console's.
@@ -102,7 +133,7 @@ def register_console_bench(bench_app: typer.Typer, engine_flags: Any, start_engi
                 warm = LoadSettings(concurrency, concurrency, 8)
                 run_headless(engine, server.url, warm)
                 for index in range(rounds):
-                    for mode in ("headless", "console"):
+                    for mode in round_order(index):
                         started = time.perf_counter()
                         if mode == "headless":
                             tok_s, outcome = run_headless(engine, server.url, settings)
@@ -122,20 +153,18 @@ def register_console_bench(bench_app: typer.Typer, engine_flags: Any, start_engi
                         out.print(f"round {index + 1}/{rounds} {mode}: {tok_s:.1f} tok/s")
         finally:
             engine.shutdown()
-        ratios = [
-            c["engine_tok_s"] / h["engine_tok_s"]
-            for h, c in zip(rows[::2], rows[1::2], strict=True)
-            if h["engine_tok_s"]
-        ]
+        pairs = round_pairs(rows)
+        per_round = [round_ratio(h, c) for h, c in pairs]
+        ratios = [r for r in per_round if r is not None]
         table = Table(title=f"console overhead: {settings.describe()}")
         for col in ("round", "headless tok/s", "console tok/s", "console / headless"):
             table.add_column(col, justify="right")
-        for i, (h, c) in enumerate(zip(rows[::2], rows[1::2], strict=True)):
+        for i, ((h, c), ratio) in enumerate(zip(pairs, per_round, strict=True)):
             table.add_row(
-                str(i + 1),
+                f"{i + 1} ({round_order(i)[0]} first)",
                 f"{h['engine_tok_s']:.1f}",
                 f"{c['engine_tok_s']:.1f}",
-                f"{ratios[i]:.3f}" if i < len(ratios) else "—",
+                "—" if ratio is None else f"{ratio:.3f}",
             )
         out.print(table)
         median = statistics.median(ratios) if ratios else float("nan")

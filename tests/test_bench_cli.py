@@ -121,3 +121,18 @@ def test_percentile() -> None:
     assert _percentile([5.0], 0.99) == 5.0
     assert _percentile([1.0, 2.0, 3.0, 4.0, 5.0], 0.5) == 3.0
     assert _percentile(list(map(float, range(101))), 0.99) == pytest.approx(99.0)
+
+
+def test_console_bench_alternates_sides_and_pairs_rounds_by_mode() -> None:
+    """Rounds alternate which side goes first; each round's ratio is console over headless
+    whatever the order, so a console-first round is not reported inverted."""
+    from llmconsole.console.bench_console import round_order, round_pairs, round_ratio
+
+    assert [round_order(i)[0] for i in range(4)] == ["headless", "console"] * 2
+    rows = []
+    for i, (first_tok_s, second_tok_s) in enumerate([(100.0, 90.0), (90.0, 100.0)]):
+        for mode, tok_s in zip(round_order(i), (first_tok_s, second_tok_s), strict=True):
+            rows.append({"round": i, "mode": mode, "engine_tok_s": tok_s})
+    ratios = [round_ratio(h, c) for h, c in round_pairs(rows)]
+    assert ratios == [0.9, 0.9]  # console was the slower side both times
+    assert round_ratio({"engine_tok_s": 0.0}, {"engine_tok_s": 5.0}) is None

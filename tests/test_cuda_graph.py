@@ -169,7 +169,11 @@ def test_gpu_replay_equals_eager_logits_in_every_bucket(graph_engine: Engine, ba
             scheduler.finish(req)
     graph_logits, eager_logits = captured
     assert graph_logits.shape == eager_logits.shape == (batch, 512)
-    torch.testing.assert_close(graph_logits, eager_logits, rtol=1e-4, atol=1e-4)
+    # At batch 1 the graph's projections run our GEMV and eager ones cuBLAS: the same fp32 sums
+    # in another order, so activations may part by a bf16 rounding step. Elsewhere both sides
+    # run the same kernels.
+    tol = 2e-2 if batch == 1 else 1e-4
+    torch.testing.assert_close(graph_logits, eager_logits, rtol=tol, atol=tol)
     assert graph_out.tokens == eager_out.tokens
     assert not eager_out.cuda_graph and eager_out.padded_bs == batch
     if batch <= 16:

@@ -125,6 +125,28 @@ def _check_silu_and_mul() -> None:
         torch.testing.assert_close(got, activation.silu_and_mul_ref(gate_up))
 
 
+@check("gemv")
+def _check_gemv() -> None:
+    from llmconsole.kernels import gemv
+
+    gen = torch.Generator().manual_seed(0)
+    # Row counts that leave a partial last program, K that is and is not a multiple of the
+    # block, with and without a bias, and every launch shape gemv_config picks.
+    for n, k, bias in ((37, 300, True), (16, 1024, False), (5, 7, False), (9, 96, True)):
+        weight = torch.randn(n, k + 3, generator=gen)[:, :k]  # strided rows
+        x = torch.randn(1, k, generator=gen)
+        b = torch.randn(n, generator=gen) if bias else None
+        want = gemv.gemv_ref(x, weight, b)
+        torch.testing.assert_close(gemv.gemv(x, weight, b), want, rtol=1e-4, atol=1e-4)
+        for block_n, block_k in ((1, 64), (4, 32), (8, 128)):
+            cfg = gemv.GemvConfig(block_n, block_k, num_warps=2)
+            got = gemv.gemv(x, weight, b, config=cfg)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    out = torch.empty(1, 16)
+    weight, x = torch.randn(16, 64, generator=gen), torch.randn(1, 64, generator=gen)
+    assert gemv.gemv(x, weight, out=out) is out
+
+
 @check("rope_kv")
 def _check_rope_kv() -> None:
     from llmconsole.core.models.llama import RotaryEmbedding, apply_rope
@@ -384,6 +406,23 @@ def test_gpu_norm_and_activation(cuda: torch.device) -> None:
         gate_up = torch.randn(tokens, 2 * 14336, device=cuda, dtype=torch.bfloat16)
         want = activation.silu_and_mul_ref(gate_up)
         torch.testing.assert_close(activation.silu_and_mul(gate_up), want)
+
+
+@pytest.mark.gpu
+def test_gpu_gemv_matches_fp32_reference_at_llama_shapes(cuda: torch.device) -> None:
+    from llmconsole.kernels import gemv
+
+    # Llama-3-8B's projections (qkv, o, gate_up, down), a vocabulary, and odd sizes with a bias.
+    shapes = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096)]
+    for n, k in [*shapes, (1000, 4000), (37, 300)]:
+        weight = torch.randn(n, k, device=cuda, dtype=torch.bfloat16) * 0.02
+        x = torch.randn(1, k, device=cuda, dtype=torch.bfloat16)
+        bias = torch.randn(n, device=cuda, dtype=torch.bfloat16) if n % 2 else None
+        assert gemv.supported(x, weight)
+        got = gemv.gemv(x, weight, bias)
+        # Same fp32 sums in another order: at most one bf16 rounding step apart.
+        torch.testing.assert_close(got, gemv.gemv_ref(x, weight, bias), rtol=8e-3, atol=1e-3)
+    assert not gemv.supported(torch.randn(2, 64, device=cuda), torch.randn(8, 64, device=cuda))
 
 
 @pytest.mark.gpu

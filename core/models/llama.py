@@ -24,12 +24,35 @@ from ..attention.base import AttentionBackend
 from .config import ModelConfig
 
 
+@dataclass(frozen=True)
+class Kernels:
+    """Our Triton kernels, for models built on CUDA (imported once, at model build)."""
+
+    norm: ModuleType
+    activation: ModuleType
+    rope_kv: ModuleType
+    gemv: ModuleType
+
+    @staticmethod
+    def for_device(device: torch.device) -> Kernels | None:
+        if device.type != "cuda" or importlib.util.find_spec("triton") is None:
+            return None
+        from ...kernels import activation, gemv, norm, rope_kv
+
+        return Kernels(norm, activation, rope_kv, gemv)
+
+
 class Linear(nn.Module):
     """y = x W^T (+ b). Weights start uninitialised: they are always loaded or randomised
     afterwards, and skipping nn.Linear's init keeps model construction instant."""
 
     def __init__(
-        self, in_features: int, out_features: int, dtype: torch.dtype, bias: bool = False
+        self,
+        in_features: int,
+        out_features: int,
+        dtype: torch.dtype,
+        bias: bool = False,
+        kernels: Kernels | None = None,
     ) -> None:
         super().__init__()
         weight = torch.empty(out_features, in_features, dtype=dtype)
@@ -39,9 +62,33 @@ class Linear(nn.Module):
             if bias
             else None
         )
+        self.kernels = kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.kernels)
+
+
+def linear(
+    x: torch.Tensor,  # [T, in]
+    weight: torch.Tensor,  # [out, in]
+    bias: torch.Tensor | None,
+    kernels: Kernels | None,
+    out: torch.Tensor | None = None,  # [T, out]
+) -> torch.Tensor:
+    """x W^T (+ b). One row captured into a CUDA graph (batch-1 decode) goes through our GEMV,
+    which streams the weight faster than cuBLAS's matrix-vector path. Eager steps keep cuBLAS:
+    a Triton launch costs more host time per call than cuBLAS's, which a graph replay skips but
+    an eager step of ~130 projections would pay on every step."""
+    if (
+        kernels is not None
+        and kernels.gemv.supported(x, weight)
+        and torch.cuda.is_current_stream_capturing()
+    ):
+        return kernels.gemv.gemv(x, weight, bias, out=out)
+    if out is not None:
+        assert bias is None
+        return torch.mm(x, weight.t(), out=out)
+    return F.linear(x, weight, bias)
 
 
 class Embedding(nn.Module):
@@ -52,23 +99,6 @@ class Embedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.weight)
-
-
-@dataclass(frozen=True)
-class Kernels:
-    """Our Triton kernels, for models built on CUDA (imported once, at model build)."""
-
-    norm: ModuleType
-    activation: ModuleType
-    rope_kv: ModuleType
-
-    @staticmethod
-    def for_device(device: torch.device) -> Kernels | None:
-        if device.type != "cuda" or importlib.util.find_spec("triton") is None:
-            return None
-        from ...kernels import activation, norm, rope_kv
-
-        return Kernels(norm, activation, rope_kv)
 
 
 class RMSNorm(nn.Module):
@@ -160,8 +190,9 @@ class Attention(nn.Module):
             config.q_size + 2 * config.kv_size,
             dtype,
             bias=config.attention_bias,
+            kernels=kernels,
         )
-        self.o_proj = Linear(config.q_size, config.hidden_size, dtype)
+        self.o_proj = Linear(config.q_size, config.hidden_size, dtype, kernels=kernels)
         if config.qk_norm:
             self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, dtype)
             self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, dtype)
@@ -211,8 +242,12 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig, dtype: torch.dtype, kernels: Kernels | None) -> None:
         super().__init__()
-        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, dtype)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, dtype)
+        self.gate_up_proj = Linear(
+            config.hidden_size, 2 * config.intermediate_size, dtype, kernels=kernels
+        )
+        self.down_proj = Linear(
+            config.intermediate_size, config.hidden_size, dtype, kernels=kernels
+        )
         self.kernels = kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -267,6 +302,7 @@ class LlamaForCausalLM(nn.Module):
         self.rotary = RotaryEmbedding(config, kernels)
         if not config.tie_word_embeddings:
             self.lm_head = Linear(config.hidden_size, config.vocab_size, dtype)
+        self.kernels = kernels
         self.feature_layers: tuple[int, ...] = ()  # see capture_features
 
     @property
@@ -310,9 +346,8 @@ class LlamaForCausalLM(nn.Module):
             self._tap(features, taps.index(self.config.num_layers), hidden, None)  # type: ignore[arg-type]
         if logit_indices is not None:
             hidden = hidden[logit_indices]
-        if out is not None:
-            return torch.mm(hidden, self.lm_head_weight.t(), out=out)
-        return F.linear(hidden, self.lm_head_weight).float()
+        logits = linear(hidden, self.lm_head_weight, None, self.kernels, out=out)
+        return logits if out is not None else logits.float()
 
     def _tap(
         self,
