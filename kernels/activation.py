@@ -12,6 +12,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from . import pdl
+
 
 @triton.jit
 def _silu_and_mul_kernel(
@@ -21,7 +23,11 @@ def _silu_and_mul_kernel(
     stride_out,
     inter,
     BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:  # see kernels/pdl.py: everything below may read what the last kernel wrote
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
@@ -43,8 +49,17 @@ def silu_and_mul(
     block = min(triton.next_power_of_2(inter), 1024)
     if tokens:
         grid = (tokens, triton.cdiv(inter, block))
+        use_pdl = pdl.enabled(gate_up)
         _silu_and_mul_kernel[grid](
-            gate_up, out, gate_up.stride(0), out.stride(0), inter, BLOCK=block, num_warps=4
+            gate_up,
+            out,
+            gate_up.stride(0),
+            out.stride(0),
+            inter,
+            BLOCK=block,
+            USE_PDL=use_pdl,
+            num_warps=4,
+            **pdl.launch_options(use_pdl),
         )
     return out
 

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
+
 _LOG2E = 1.4426950408889634
 # From a sweep on an H100 (bf16, H=32, Hkv=8, D=128): ~2.9 TB/s at batch 64 x 4096 tokens.
 _TILE = {"block_n": 64, "warps": 4, "stages": 3}
@@ -47,7 +49,11 @@ def _decode_stage1(
     BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
     HAS_ROWS: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:  # see kernels/pdl.py: everything below may read what the last kernel wrote
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     req = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -117,7 +123,11 @@ def _decode_stage2(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:  # see kernels/pdl.py: everything below may read what the last kernel wrote
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     req = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
@@ -183,6 +193,7 @@ def decode_attention(
     assert mid_o.shape == (batch, num_heads, num_splits, head_dim) and mid_o.is_contiguous()
     assert mid_lse.shape == (batch, num_heads, num_splits) and mid_lse.is_contiguous()
     block_d = triton.next_power_of_2(head_dim)
+    use_pdl = pdl.enabled(q)
     _decode_stage1[(batch, num_kv_heads, num_splits)](
         q,
         k_pool,
@@ -206,8 +217,10 @@ def decode_attention(
         BLOCK_N=block_n,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         HAS_ROWS=kv_rows is not None,
+        USE_PDL=use_pdl,
         num_warps=_TILE["warps"],
         num_stages=_TILE["stages"],
+        **pdl.launch_options(use_pdl),
     )
     _decode_stage2[(batch, num_heads)](
         mid_o,
@@ -220,7 +233,9 @@ def decode_attention(
         HEAD_DIM=head_dim,
         BLOCK_D=block_d,
         BLOCK_S=triton.next_power_of_2(num_splits),
+        USE_PDL=use_pdl,
         num_warps=4,
+        **pdl.launch_options(use_pdl),
     )
     return out
 

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from . import pdl
+
 
 @triton.jit
 def _gemv_kernel(
@@ -32,13 +34,31 @@ def _gemv_kernel(
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no masks on the K axis
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr,  # see kernels/pdl.py
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     rows = tl.where(row_ok, rows, 0)  # out-of-range rows re-read row 0; never stored
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_w
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for start in range(0, K, BLOCK_K):
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+    # The first weight chunk is loaded before waiting for x (W is never written by a kernel):
+    # under PDL it streams in while the previous kernel finishes.
+    cols = tl.arange(0, BLOCK_K)
+    if EVEN_K:
+        w = tl.load(w_rows + cols[None, :], eviction_policy="evict_first")
+    else:
+        w = tl.load(
+            w_rows + cols[None, :],
+            mask=(cols < K)[None, :],
+            other=0.0,
+            eviction_policy="evict_first",
+        )
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+    x = tl.load(x_ptr + cols, mask=cols < K, other=0.0)
+    acc = w.to(tl.float32) * x.to(tl.float32)[None, :]  # [BLOCK_N, BLOCK_K]
+    for start in range(BLOCK_K, K, BLOCK_K):
         cols = start + tl.arange(0, BLOCK_K)
         if EVEN_K:
             x = tl.load(x_ptr + cols)
@@ -113,6 +133,7 @@ def gemv(
         out = x.new_empty(1, n)
     cfg = config or gemv_config(n, k)
     grid = (triton.cdiv(n, cfg.block_n),)
+    use_pdl = pdl.enabled(x)
     _gemv_kernel[grid](
         x,
         weight,
@@ -125,7 +146,9 @@ def gemv(
         EVEN_K=k % cfg.block_k == 0,
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
+        USE_PDL=use_pdl,
         num_warps=cfg.num_warps,
+        **pdl.launch_options(use_pdl),
     )
     return out
 

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
+
 
 @triton.jit
 def _rms_norm_kernel(
@@ -27,7 +29,11 @@ def _rms_norm_kernel(
     eps,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:  # see kernels/pdl.py: everything below may read what the last kernel wrote
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
@@ -61,6 +67,7 @@ def _launch(
     num_warps = min(max(block // 512, 1), 8)
     res = residual if residual is not None else x
     res_out = residual_out if residual_out is not None else out
+    use_pdl = pdl.enabled(x)
     _rms_norm_kernel[(x.shape[0],)](
         x,
         res,
@@ -75,7 +82,9 @@ def _launch(
         eps,
         HAS_RESIDUAL=residual is not None,
         BLOCK=block,
+        USE_PDL=use_pdl,
         num_warps=num_warps,
+        **pdl.launch_options(use_pdl),
     )
 
 

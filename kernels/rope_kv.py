@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
+
 
 @triton.jit
 def _rope_kv_kernel(
@@ -41,7 +43,11 @@ def _rope_kv_kernel(
     BLOCK_HALF: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_HKV: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:  # see kernels/pdl.py: everything below may read what the last kernel wrote
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     token = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + token)
     slot = tl.load(slot_ptr + token).to(tl.int64)
@@ -106,6 +112,7 @@ def rope_and_write_kv(
     if tokens == 0:
         return q
     half = head_dim // 2
+    use_pdl = pdl.enabled(q)
     _rope_kv_kernel[(tokens,)](
         q,
         k,
@@ -130,7 +137,9 @@ def rope_and_write_kv(
         BLOCK_HALF=triton.next_power_of_2(half),
         BLOCK_H=triton.next_power_of_2(num_heads),
         BLOCK_HKV=triton.next_power_of_2(num_kv_heads),
+        USE_PDL=use_pdl,
         num_warps=4,
+        **pdl.launch_options(use_pdl),
     )
     return q
 

@@ -426,6 +426,53 @@ def test_gpu_gemv_matches_fp32_reference_at_llama_shapes(cuda: torch.device) -> 
 
 
 @pytest.mark.gpu
+def test_gpu_pdl_chain_in_a_graph_equals_plain_launches(
+    cuda: torch.device, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under PDL a kernel starts before the previous one ends; one that read its input before
+    the wait would see a stale vector. A 24-kernel chain, each reading the last one's output,
+    replayed from a CUDA graph, must give the plain launches' bits exactly."""
+    from llmconsole.kernels import activation, gemv, norm, pdl
+
+    if not pdl.enabled(torch.empty(0, device=cuda)):
+        pytest.skip("PDL needs SM90+")
+    hidden, inter = 1024, 2816
+    w_up = torch.randn(2 * inter, hidden, device=cuda, dtype=torch.bfloat16) * 0.03
+    w_down = torch.randn(hidden, inter, device=cuda, dtype=torch.bfloat16) * 0.03
+    w_norm = torch.rand(hidden, device=cuda, dtype=torch.bfloat16) + 0.5
+    x0 = torch.randn(1, hidden, device=cuda, dtype=torch.bfloat16)
+
+    def chain(x: torch.Tensor) -> torch.Tensor:
+        residual = torch.zeros_like(x)
+        for _ in range(6):
+            h, residual = norm.fused_add_rms_norm(x, residual, w_norm, 1e-5)
+            x = gemv.gemv(activation.silu_and_mul(gemv.gemv(h, w_up)), w_down)
+        return x + residual
+
+    def replayed() -> torch.Tensor:
+        static_x = x0.clone()
+        chain(static_x)  # compile and warm up outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = chain(static_x)
+        results = []
+        for _ in range(3):
+            graph.replay()
+            results.append(out.clone())
+        torch.cuda.synchronize()
+        assert all(torch.equal(r, results[0]) for r in results)
+        return results[0]
+
+    with_pdl = replayed()
+    monkeypatch.setenv("LLMCONSOLE_PDL", "0")
+    assert not pdl.enabled(x0)
+    plain = replayed()
+    assert with_pdl.abs().sum() > 0
+    assert torch.equal(with_pdl, plain)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("kv", ["bf16", "fp8_e4m3"])
 def test_gpu_rope_kv(cuda: torch.device, kv: str) -> None:
     from llmconsole.kernels import rope_kv
