@@ -22,9 +22,24 @@ from . import pdl
 
 
 @triton.jit
+def _load_w(rows_ptr, cols, K, EVEN_K: tl.constexpr):
+    """One [BLOCK_N, BLOCK_K] chunk of W, read once per step: evict-first."""
+    if EVEN_K:
+        w = tl.load(rows_ptr + cols[None, :], eviction_policy="evict_first")
+    else:
+        w = tl.load(
+            rows_ptr + cols[None, :],
+            mask=(cols < K)[None, :],
+            other=0.0,
+            eviction_policy="evict_first",
+        )
+    return w
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr,  # [K]
-    w_ptr,  # [N, K], rows of stride_w
+    w_ptr,  # [N, K] ([2N, K] with SILU_MUL), rows of stride_w
     b_ptr,  # [N] or unused
     out_ptr,  # [N]
     N,
@@ -35,47 +50,44 @@ def _gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     USE_PDL: tl.constexpr,  # see kernels/pdl.py
+    SILU_MUL: tl.constexpr,  # W = [gate; up]: out[n] = silu(x . W[n]) * (x . W[N + n])
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     rows = tl.where(row_ok, rows, 0)  # out-of-range rows re-read row 0; never stored
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_w
+    up_rows = w_ptr + (rows + N).to(tl.int64)[:, None] * stride_w  # read only with SILU_MUL
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
     # The first weight chunk is loaded before waiting for x (W is never written by a kernel):
     # under PDL it streams in while the previous kernel finishes.
     cols = tl.arange(0, BLOCK_K)
-    if EVEN_K:
-        w = tl.load(w_rows + cols[None, :], eviction_policy="evict_first")
-    else:
-        w = tl.load(
-            w_rows + cols[None, :],
-            mask=(cols < K)[None, :],
-            other=0.0,
-            eviction_policy="evict_first",
-        )
+    w = _load_w(w_rows, cols, K, EVEN_K)
+    if SILU_MUL:
+        u = _load_w(up_rows, cols, K, EVEN_K)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
-    x = tl.load(x_ptr + cols, mask=cols < K, other=0.0)
-    acc = w.to(tl.float32) * x.to(tl.float32)[None, :]  # [BLOCK_N, BLOCK_K]
+    x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)[None, :]
+    acc = w.to(tl.float32) * x  # [BLOCK_N, BLOCK_K]
+    if SILU_MUL:
+        acc_up = u.to(tl.float32) * x
     for start in range(BLOCK_K, K, BLOCK_K):
         cols = start + tl.arange(0, BLOCK_K)
         if EVEN_K:
-            x = tl.load(x_ptr + cols)
-            w = tl.load(w_rows + cols[None, :], eviction_policy="evict_first")
+            x = tl.load(x_ptr + cols).to(tl.float32)[None, :]
         else:
-            col_ok = cols < K
-            x = tl.load(x_ptr + cols, mask=col_ok, other=0.0)
-            w = tl.load(
-                w_rows + cols[None, :],
-                mask=col_ok[None, :],
-                other=0.0,
-                eviction_policy="evict_first",
-            )
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+            x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)[None, :]
+        acc += _load_w(w_rows, cols, K, EVEN_K).to(tl.float32) * x
+        if SILU_MUL:
+            acc_up += _load_w(up_rows, cols, K, EVEN_K).to(tl.float32) * x
     y = tl.sum(acc, axis=1)  # [BLOCK_N]
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    if SILU_MUL:
+        # Rounded as the unfused path rounds: gate and up to the output dtype, then the product.
+        gate = y.to(out_ptr.dtype.element_ty).to(tl.float32)
+        up = tl.sum(acc_up, axis=1).to(out_ptr.dtype.element_ty).to(tl.float32)
+        y = gate * tl.sigmoid(gate) * up
     tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
@@ -87,18 +99,15 @@ class GemvConfig:
 
 
 def gemv_config(n: int, k: int) -> GemvConfig:
-    """Launch shape for W [n, k], from a sweep on an H100 over Llama-3-8B's shapes (block_n 1-32,
-    block_k 128-2048, 1-8 warps; each shape's best, in us, against cuBLAS): qkv 6144x4096 20.1 vs
-    22.8, o 4096x4096 18.9 vs 19.3, gate_up 28672x4096 76.8 vs 83.1, down 4096x14336 42.1 vs
-    46.1, lm_head 128256x4096 332 vs 373. Small matrices want several rows per program (more
-    bytes in flight each), large ones one row and long K chunks."""
-    size = n * k
-    if size <= 4096 * 4096:
-        block_n, block_k, warps = 8, 1024, 2
-    elif k > 8192:
-        block_n, block_k, warps = 2, 2048, 8
-    elif size < 32 * 2**20:
-        block_n, block_k, warps = 2, 1024, 4
+    """Launch shape for W [n, k], from sweeps on an H100 over Llama-3-8B's shapes (block_n 1-16,
+    block_k 512-2048, 2-8 warps), timed as decode runs them: 24 layers of (RMSNorm -> GEMV),
+    distinct weights per layer, replayed from one CUDA graph with PDL; us per call, ours vs
+    cuBLAS: qkv 6144x4096 17.6 vs 22.7, o 4096x4096 12.2 vs 16.7, down 4096x14336 40.6 vs 45.8,
+    gate_up 28672x4096 (with SiLU-and-mul) 75.7 vs 83.5; lm_head 128256x4096 332 vs 373
+    (timed alone). Up to ~60M elements, four rows per program and long K chunks over 8 warps;
+    the big ones, one row per program."""
+    if n * k <= 64 * 2**20:
+        block_n, block_k, warps = 4, 2048, 8
     else:
         block_n, block_k, warps = 1, 2048, 4
     return GemvConfig(
@@ -106,6 +115,13 @@ def gemv_config(n: int, k: int) -> GemvConfig:
         block_k=min(block_k, triton.next_power_of_2(k)),
         num_warps=warps,
     )
+
+
+def gemv_silu_mul_config(n2: int, k: int) -> GemvConfig:
+    """Launch shape for a [gate; up] weight of 2I rows: each program reads block_n gate rows
+    and as many up rows, so it takes half the rows per program of a plain GEMV of that size."""
+    cfg = gemv_config(n2, k)
+    return GemvConfig(max(1, cfg.block_n // 2), cfg.block_k, cfg.num_warps)
 
 
 def supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -128,10 +144,35 @@ def gemv(
     config: GemvConfig | None = None,
 ) -> torch.Tensor:  # [1, N]
     n, k = weight.shape
+    return _launch(x, weight, bias, out, config or gemv_config(n, k), n, silu_mul=False)
+
+
+def gemv_silu_mul(
+    x: torch.Tensor,  # [1, K]
+    weight: torch.Tensor,  # [2I, K]: the MLP's merged gate_up projection
+    out: torch.Tensor | None = None,  # [1, I]
+    config: GemvConfig | None = None,
+) -> torch.Tensor:  # [1, I] = silu(x W_gate^T) * (x W_up^T)
+    """The gate_up projection with SiLU-and-mul in its epilogue: each program reads matching
+    gate and up rows, so the [1, 2I] intermediate and one kernel per layer disappear."""
+    n2, k = weight.shape
+    assert n2 % 2 == 0, "gate_up weight must have 2I rows"
+    return _launch(x, weight, None, out, config or gemv_silu_mul_config(n2, k), n2 // 2, True)
+
+
+def _launch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    out: torch.Tensor | None,
+    cfg: GemvConfig,
+    n: int,  # output length
+    silu_mul: bool,
+) -> torch.Tensor:
+    k = weight.shape[1]
     assert x.shape == (1, k) and x.stride(-1) == 1 and weight.stride(1) == 1, (x.shape, k)
     if out is None:
         out = x.new_empty(1, n)
-    cfg = config or gemv_config(n, k)
     grid = (triton.cdiv(n, cfg.block_n),)
     use_pdl = pdl.enabled(x)
     _gemv_kernel[grid](
@@ -147,6 +188,7 @@ def gemv(
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
         USE_PDL=use_pdl,
+        SILU_MUL=silu_mul,
         num_warps=cfg.num_warps,
         **pdl.launch_options(use_pdl),
     )
@@ -159,3 +201,8 @@ def gemv_ref(
     """fp32 accumulation, rounded to x's dtype once, as the kernel does."""
     b = None if bias is None else bias.float()
     return F.linear(x.float(), weight.float(), b).to(x.dtype)
+
+
+def gemv_silu_mul_ref(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    gate, up = gemv_ref(x, weight).float().chunk(2, dim=-1)
+    return (F.silu(gate) * up).to(x.dtype)

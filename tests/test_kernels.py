@@ -147,6 +147,25 @@ def _check_gemv() -> None:
     assert gemv.gemv(x, weight, out=out) is out
 
 
+@check("gemv_silu_mul")
+def _check_gemv_silu_mul() -> None:
+    from llmconsole.kernels import gemv
+
+    gen = torch.Generator().manual_seed(1)
+    # Odd intermediate sizes (a partial last program), K on and off the block, strided rows:
+    # each output pairs gate row n with up row I + n, never a neighbour's.
+    for inter, k in ((37, 300), (16, 1024), (3, 7)):
+        weight = torch.randn(2 * inter, k + 5, generator=gen)[:, :k]
+        x = torch.randn(1, k, generator=gen)
+        want = gemv.gemv_silu_mul_ref(x, weight)
+        assert want.shape == (1, inter)
+        torch.testing.assert_close(gemv.gemv_silu_mul(x, weight), want, rtol=1e-4, atol=1e-4)
+        for block_n, block_k in ((1, 64), (4, 32), (8, 128)):
+            cfg = gemv.GemvConfig(block_n, block_k, num_warps=2)
+            got = gemv.gemv_silu_mul(x, weight, config=cfg)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 @check("rope_kv")
 def _check_rope_kv() -> None:
     from llmconsole.core.models.llama import RotaryEmbedding, apply_rope
@@ -423,6 +442,13 @@ def test_gpu_gemv_matches_fp32_reference_at_llama_shapes(cuda: torch.device) -> 
         # Same fp32 sums in another order: at most one bf16 rounding step apart.
         torch.testing.assert_close(got, gemv.gemv_ref(x, weight, bias), rtol=8e-3, atol=1e-3)
     assert not gemv.supported(torch.randn(2, 64, device=cuda), torch.randn(8, 64, device=cuda))
+    # The fused gate_up + SiLU-and-mul at Llama-3-8B's MLP and an odd one.
+    for inter, k in ((14336, 4096), (1000, 4000)):
+        weight = torch.randn(2 * inter, k, device=cuda, dtype=torch.bfloat16) * 0.02
+        x = torch.randn(1, k, device=cuda, dtype=torch.bfloat16)
+        got = gemv.gemv_silu_mul(x, weight)
+        want = gemv.gemv_silu_mul_ref(x, weight)
+        torch.testing.assert_close(got, want, rtol=1.6e-2, atol=1e-3)
 
 
 @pytest.mark.gpu
@@ -430,7 +456,7 @@ def test_gpu_pdl_chain_in_a_graph_equals_plain_launches(
     cuda: torch.device, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Under PDL a kernel starts before the previous one ends; one that read its input before
-    the wait would see a stale vector. A 24-kernel chain, each reading the last one's output,
+    the wait would see a stale vector. A 36-kernel chain, each reading the last one's output,
     replayed from a CUDA graph, must give the plain launches' bits exactly."""
     from llmconsole.kernels import activation, gemv, norm, pdl
 
@@ -447,6 +473,7 @@ def test_gpu_pdl_chain_in_a_graph_equals_plain_launches(
         for _ in range(6):
             h, residual = norm.fused_add_rms_norm(x, residual, w_norm, 1e-5)
             x = gemv.gemv(activation.silu_and_mul(gemv.gemv(h, w_up)), w_down)
+            x = gemv.gemv(gemv.gemv_silu_mul(x, w_up), w_down)
         return x + residual
 
     def replayed() -> torch.Tensor:

@@ -79,17 +79,21 @@ def linear(
     which streams the weight faster than cuBLAS's matrix-vector path. Eager steps keep cuBLAS:
     a Triton launch costs more host time per call than cuBLAS's, which a graph replay skips but
     an eager step of ~130 projections would pay on every step."""
-    if (
-        kernels is not None
-        and x.shape[0] == 1  # cheapest test first: this runs for every projection of a step
-        and torch.cuda.is_current_stream_capturing()
-        and kernels.gemv.supported(x, weight)
-    ):
+    if kernels is not None and _graph_gemv(x, weight, kernels):
         return kernels.gemv.gemv(x, weight, bias, out=out)
     if out is not None:
         assert bias is None
         return torch.mm(x, weight.t(), out=out)
     return F.linear(x, weight, bias)
+
+
+def _graph_gemv(x: torch.Tensor, weight: torch.Tensor, kernels: Kernels) -> bool:
+    """One row being captured into a CUDA graph, in a layout the GEMV takes."""
+    return (
+        x.shape[0] == 1  # cheapest test first: this runs for every projection of a step
+        and torch.cuda.is_current_stream_capturing()
+        and kernels.gemv.supported(x, weight)
+    )
 
 
 class Embedding(nn.Module):
@@ -252,8 +256,13 @@ class MLP(nn.Module):
         self.kernels = kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernels is not None:
-            return self.down_proj(self.kernels.activation.silu_and_mul(self.gate_up_proj(x)))
+        kernels = self.kernels
+        if kernels is not None:
+            gate_up = self.gate_up_proj
+            if gate_up.bias is None and _graph_gemv(x, gate_up.weight, kernels):
+                # Batch 1 in a graph: SiLU-and-mul in the GEMV's epilogue, one kernel fewer.
+                return self.down_proj(kernels.gemv.gemv_silu_mul(x, gate_up.weight))
+            return self.down_proj(kernels.activation.silu_and_mul(gate_up(x)))
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         # In place on the fresh gate_up output: two fewer [T, intermediate] allocations.
         return self.down_proj(F.silu(gate, inplace=True).mul_(up))
