@@ -43,3 +43,14 @@ def test_one_batch_rejects_a_batch_that_cannot_fit(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli.app, args, env={"COLUMNS": "200"})
     assert result.exit_code != 0
     assert "tokens per request" in str(result.exception) + result.output
+
+
+def test_one_batch_warms_up_the_many_request_kernels_before_timing() -> None:
+    from llmconsole.console.bench_one_batch import warmup_sizes
+
+    # A batch-1 warm-up alone would leave Triton's many-request variants to compile inside
+    # the first timed prefill of a larger batch.
+    assert warmup_sizes([1, 64, 128]) == [1, 2]
+    assert warmup_sizes([64, 1]) == [1, 2]
+    assert warmup_sizes([1]) == [1]
+    assert warmup_sizes([8, 32]) == [8]
