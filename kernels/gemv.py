@@ -7,6 +7,10 @@ walks K in BLOCK_K chunks, keeps a [BLOCK_N, BLOCK_K] fp32 partial product in re
 reduces it once at the end. Many small programs (N / BLOCK_N of them) keep every SM streaming
 with no split-K reduction pass; W is loaded evict-first, as it is read once per step.
 Grid: (cdiv(N, BLOCK_N),).
+
+`gemv_silu_mul` is the MLP's gate_up projection with SiLU-and-mul in the epilogue (each program
+reads gate row n and up row I + n). Under PDL (kernels/pdl.py) the first weight chunk is read
+before waiting for the previous kernel, so the weight stream starts during that kernel's tail.
 """
 
 from __future__ import annotations
