@@ -9,7 +9,8 @@ point of it for the batch-1 GEMV, whose first weight chunk streams in while the 
 finishes. A kernel launched plainly after a PDL kernel waits for it in full, as always, so PDL
 kernels and torch / cuBLAS / FlashInfer kernels mix freely.
 
-`LLMCONSOLE_PDL=0` turns it off (to measure what it buys, or to rule it out).
+`LLMCONSOLE_PDL=0` in the environment at start-up turns it off (to measure what it buys, or to
+rule it out).
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ import os
 
 import torch
 
+# Read once: `enabled` runs at every kernel launch, ~200 times per eager decode step.
+SWITCHED_ON = os.environ.get("LLMCONSOLE_PDL", "1") != "0"
+
 
 @functools.cache
 def _device_supports(index: int) -> bool:
@@ -27,7 +31,7 @@ def _device_supports(index: int) -> bool:
 
 def enabled(t: torch.Tensor) -> bool:
     """Whether kernels on t's device use PDL: a CUDA tensor on SM90+, unless switched off."""
-    if not t.is_cuda or os.environ.get("LLMCONSOLE_PDL", "1") == "0":
+    if not (SWITCHED_ON and t.is_cuda):
         return False
     return _device_supports(t.device.index if t.device.index is not None else 0)
 

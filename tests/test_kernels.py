@@ -492,7 +492,7 @@ def test_gpu_pdl_chain_in_a_graph_equals_plain_launches(
         return results[0]
 
     with_pdl = replayed()
-    monkeypatch.setenv("LLMCONSOLE_PDL", "0")
+    monkeypatch.setattr(pdl, "SWITCHED_ON", False)  # as LLMCONSOLE_PDL=0 at start-up
     assert not pdl.enabled(x0)
     plain = replayed()
     assert with_pdl.abs().sum() > 0
