@@ -125,6 +125,28 @@ def _check_silu_and_mul() -> None:
         torch.testing.assert_close(got, activation.silu_and_mul_ref(gate_up))
 
 
+@check("argmax")
+def _check_argmax() -> None:
+    from llmconsole.kernels import argmax
+
+    gen = torch.Generator().manual_seed(0)
+    # Batches on both sides of argmax_block's switch; vocabularies that leave a partial last
+    # block; a max tied across blocks and within one (torch keeps the first); an all -inf row.
+    for batch, vocab in ((1, 5000), (3, 2048), (9, 9000)):
+        wide = torch.randn(batch, vocab + 16, generator=gen)
+        logits = wide[:, :vocab]  # strided rows
+        block = argmax.argmax_block(batch)
+        logits[0, block + 7] = 50.0
+        logits[0, vocab - 1] = 50.0  # the same max, later: loses
+        if batch > 1:
+            logits[1, 3] = logits[1, 5] = 40.0  # a tie inside block 0
+            logits[-1] = float("-inf")
+        got = argmax.greedy_ids(logits)
+        assert got.dtype == torch.int64
+        assert got.tolist() == logits.argmax(dim=-1).tolist()
+        assert got[0] == block + 7
+
+
 @check("gemv")
 def _check_gemv() -> None:
     from llmconsole.kernels import gemv
@@ -449,6 +471,20 @@ def test_gpu_gemv_matches_fp32_reference_at_llama_shapes(cuda: torch.device) -> 
         got = gemv.gemv_silu_mul(x, weight)
         want = gemv.gemv_silu_mul_ref(x, weight)
         torch.testing.assert_close(got, want, rtol=1.6e-2, atol=1e-3)
+
+
+@pytest.mark.gpu
+def test_gpu_greedy_ids_equal_torch_argmax(cuda: torch.device) -> None:
+    from llmconsole.core.sampling import greedy_ids
+
+    gen = torch.Generator(device=cuda).manual_seed(0)
+    for batch in (1, 8, 9, 64, 256):
+        logits = torch.randn(batch, 128256, device=cuda, generator=gen).to(torch.bfloat16)
+        logits[0, 70000] = logits[0, 90000] = 30.0  # a tie across blocks: the first wins
+        got = greedy_ids(logits)
+        assert torch.equal(got, logits.argmax(dim=-1))
+        assert torch.equal(got, logits.float().argmax(dim=-1))
+        assert int(got[0]) == 70000
 
 
 @pytest.mark.gpu
