@@ -52,7 +52,10 @@ class PageAllocator:
         return pages
 
     def free(self, pages: Iterable[int]) -> None:
-        for page in pages:
+        # Pushed last page first, so the next allocs pop them in their old order: a request
+        # that follows a finished one gets the same ascending run of pages, which the CPU
+        # attention backend reads as a view of the pool instead of gathering it every layer.
+        for page in reversed(list(pages)):
             if page not in self._allocated:
                 raise RuntimeError(f"page {page} freed twice or never allocated")
             self._allocated.remove(page)

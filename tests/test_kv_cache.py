@@ -15,6 +15,20 @@ def test_allocator_hands_out_each_page_once_and_never_the_dummy() -> None:
     alloc.check_integrity([pages])
 
 
+def test_a_freed_run_comes_back_ascending_for_the_next_request() -> None:
+    """Back-to-back lone requests (batch-1 decode) get one contiguous ascending run of pages
+    each time, which the CPU attention reads as a view instead of gathering it per layer."""
+    alloc = PageAllocator(64)
+    first = alloc.alloc(5) + alloc.alloc(1) + alloc.alloc(1)  # a prefill, then two decode steps
+    assert first == list(range(1, 8))
+    alloc.free(first)
+    second = alloc.alloc(3) + [alloc.alloc(1)[0] for _ in range(6)]
+    assert second == list(range(1, 10))
+    alloc.free(second[4:])  # a retraction keeps the front
+    assert alloc.alloc(5) == list(range(5, 10))
+    alloc.check_integrity([second[:4], list(range(5, 10))])
+
+
 def test_double_free_is_an_error() -> None:
     alloc = PageAllocator(4)
     pages = alloc.alloc(2)
