@@ -10,8 +10,10 @@ a console that is open, as an operator has it when they fire a load, not of open
 from __future__ import annotations
 
 import asyncio
+import math
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,30 @@ def round_ratio(headless: Row, console: Row) -> float | None:
     if not headless["engine_tok_s"]:
         return None
     return float(console["engine_tok_s"] / headless["engine_tok_s"])
+
+
+@dataclass(frozen=True)
+class RatioSummary:
+    median: float
+    geometric_mean: float
+    # Standard error of the geometric mean, as a factor: the mean of log-ratios +- one standard
+    # error, exponentiated. On a VM whose single rounds swing by +-10% this says how many rounds
+    # a verdict needs (8 rounds: ~+-3%).
+    low: float
+    high: float
+
+
+def summarize_ratios(ratios: list[float]) -> RatioSummary:
+    """Median and geometric mean of the per-round console/headless ratios (NaN when empty)."""
+    if not ratios:
+        nan = float("nan")
+        return RatioSummary(nan, nan, nan, nan)
+    logs = [math.log(r) for r in ratios]
+    mean = statistics.fmean(logs)
+    sem = statistics.stdev(logs) / math.sqrt(len(logs)) if len(logs) > 1 else float("nan")
+    return RatioSummary(
+        statistics.median(ratios), math.exp(mean), math.exp(mean - sem), math.exp(mean + sem)
+    )
 
 
 def engine_tokens_per_s(engine: Engine, since_step: int) -> float:
@@ -167,8 +193,13 @@ def register_console_bench(bench_app: typer.Typer, engine_flags: Any, start_engi
                 "—" if ratio is None else f"{ratio:.3f}",
             )
         out.print(table)
-        median = statistics.median(ratios) if ratios else float("nan")
+        stats = summarize_ratios(ratios)
+        median = stats.median
         out.print(f"median console/headless engine tok/s: [bold]{median:.3f}[/bold]")
+        out.print(
+            f"geometric mean {stats.geometric_mean:.3f} "
+            f"(one standard error: {stats.low:.3f}–{stats.high:.3f})"
+        )
         if output_file is not None:
             summary = {
                 "bench": "console",
@@ -177,6 +208,8 @@ def register_console_bench(bench_app: typer.Typer, engine_flags: Any, start_engi
                 **settings.__dict__,
                 "rounds": rounds,
                 "median_ratio": median,
+                "geometric_mean_ratio": stats.geometric_mean,
+                "geometric_mean_stderr_range": [stats.low, stats.high],
                 "runs": rows,
                 **machine_info(),
             }

@@ -4,6 +4,7 @@ accounting is (a wrong token count would make every tok/s figure wrong)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -136,3 +137,17 @@ def test_console_bench_alternates_sides_and_pairs_rounds_by_mode() -> None:
     ratios = [round_ratio(h, c) for h, c in round_pairs(rows)]
     assert ratios == [0.9, 0.9]  # console was the slower side both times
     assert round_ratio({"engine_tok_s": 0.0}, {"engine_tok_s": 5.0}) is None
+
+
+def test_console_bench_summary_geometric_mean_and_its_error() -> None:
+    from llmconsole.console.bench_console import summarize_ratios
+
+    # 0.9 and 1/0.9 cancel in a geometric mean (an arithmetic mean would say 1.006).
+    even = summarize_ratios([0.9, 1 / 0.9])
+    assert even.geometric_mean == pytest.approx(1.0)
+    assert even.low < 1.0 < even.high
+    noisy = summarize_ratios([0.9, 1.1, 0.95, 1.05] * 4)
+    assert noisy.median == pytest.approx(1.0)
+    assert noisy.high - noisy.low < even.high - even.low  # more rounds, a narrower error
+    assert math.isnan(summarize_ratios([]).median)
+    assert math.isnan(summarize_ratios([0.97]).low)
