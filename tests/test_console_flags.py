@@ -20,7 +20,7 @@ from llmconsole.core.telemetry import EngineEvent
 
 SIZE = (120, 40)
 PROMPTS = [f"Count from {i} to thirty:" for i in range(6)]
-MAX_TOKENS = 300  # long enough to still be streaming when the restart lands
+MAX_TOKENS = 150  # still streaming when the restart lands (~2 s of clicks, ~30 tokens each)
 
 
 async def press(pilot, selector: str) -> None:
