@@ -1,7 +1,8 @@
 """The Textual app: a thin shell that wires a telemetry source to the panels.
 
-The engine never waits for the UI: a timer (10 Hz) drains the telemetry ring buffer into a pure
-`ConsoleModel` and redraws only what changed; the chart redraws once a second.
+The engine never waits for the UI: a timer (10 Hz) asks the paint pacer (console/pacing) whether
+the UI thread's CPU budget allows a repaint; when it does, the telemetry ring buffer is drained into
+a pure `ConsoleModel` and only what changed is redrawn, the chart every 2-4 s.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import datetime as dt
 import os
 import socket
-import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
@@ -27,7 +27,9 @@ from llmconsole.core.engine import Engine, EngineStoppedError, RestartError, Res
 from llmconsole.core.telemetry import EngineEvent, export_session
 from llmconsole.themes import THEMES
 
+from .interpreter import ConsoleInterpreter
 from .load_runner import LoadOutcome, LoadRunner, LoadSettings
+from .pacing import PaintPacer, budget_for
 from .recording import Recording
 from .screens.flags_editor import FlagsEditor
 from .screens.help import HelpScreen
@@ -69,16 +71,6 @@ PALETTE_FLAGS = (
     ("speculative_algorithm", "speculative algorithm"),
 )
 REFRESH_S = 0.1  # ≤10 Hz, as the panels promise
-# The UI shares the GIL with the engine thread, which needs it between every two torch ops:
-# with CPython's default 5 ms switch interval a busy UI makes each of those waits long enough to
-# cost the engine ~6-9% of its tok/s on a 2-core CPU; at 1 ms the difference is in the noise.
-GIL_SWITCH_INTERVAL_S = 0.001
-# Ticks between repaints of the panels, and of the chart (a multiple of it): 2 Hz and every
-# 2 s where there are cores to spare; on a small machine (under 4 cores) the painting takes
-# CPU from the engine's own threads, so 1 Hz and every 4 s.
-SMALL_MACHINE = (os.cpu_count() or 1) < 4
-PAINT_EVERY = 10 if SMALL_MACHINE else 5
-CHART_EVERY = 4 * PAINT_EVERY
 
 
 class ConsoleApp(App[None]):
@@ -133,7 +125,9 @@ class ConsoleApp(App[None]):
         self.load_progress = ""
         self.status = "starting"
         self.startup_error: str | None = None
-        self._ticks = 0
+        # Reads and repaints go together, paced by the UI thread's CPU budget (console/pacing).
+        self.pacer = PaintPacer(budget_for(os.cpu_count()))
+        self.interpreter = ConsoleInterpreter()  # GIL switch interval, frozen heap
         self._steps_pending = False
         self._console_closed = False
         self.restarting = False
@@ -157,8 +151,9 @@ class ConsoleApp(App[None]):
         yield Footer()
 
     def on_mount(self) -> None:
-        self._saved_switch_interval = sys.getswitchinterval()
-        sys.setswitchinterval(min(self._saved_switch_interval, GIL_SWITCH_INTERVAL_S))
+        self.interpreter.enter()
+        # Once the screen is built, its objects (and an attached engine's) leave the GC's reach.
+        self.call_after_refresh(self.interpreter.freeze_heap)
         q = self.query_one
         self.panels = Panels(
             q(EngineHeader),
@@ -197,7 +192,7 @@ class ConsoleApp(App[None]):
         if self._console_closed:  # quit while loading
             session.stop()
             return
-        self.call_from_thread(self._session_ready, session)
+        self.call_from_thread(self._engine_started, session)
 
     def _report_progress(self, stage: str, fraction: float) -> None:
         if not self._console_closed:
@@ -222,7 +217,11 @@ class ConsoleApp(App[None]):
         self._header()
         self._spec()
         self.panels.table.focus()
-        self.tick()
+        self.refresh_all()
+
+    def _engine_started(self, session: LiveSession) -> None:
+        self._session_ready(session)
+        self.call_after_refresh(self.interpreter.freeze_heap)  # the engine's objects too
 
     def _replay_ready(self) -> None:
         self.query_one("#loading").add_class("-hidden")
@@ -265,22 +264,24 @@ class ConsoleApp(App[None]):
     # ---- refresh -------------------------------------------------------------------------------
 
     def tick(self) -> None:
-        source = self.source
-        if source is None or self._console_closed:
+        """The 10 Hz timer: read and repaint when the paint budget allows (console/pacing)."""
+        if self.source is None or self._console_closed or not self.pacer.due():
             return
-        self._ticks += 1
+        chart = self.pacer.painted()
+        now = self._read()
+        with self.batch_update():
+            self._paint(now, chart=chart)
+
+    def _read(self) -> float:
+        """Drain what the source has into the model; returns the source's clock."""
+        source = self.source
+        assert source is not None
         changes = self.model.apply(source.poll())
-        now = source.now()
         self.model.set_live(source.live_requests())
         for event in changes.events:
             self.panels.log.add(event)
         self._steps_pending |= changes.steps
-        # Painting is the console's whole cost, and on a small machine it competes with the
-        # engine for the CPU and the GIL: data is read 10x a second, but the panels are
-        # repainted together, in one compositor pass, 2x a second (the chart every 2 s).
-        if self._ticks % PAINT_EVERY == 0:
-            with self.batch_update():
-                self._paint(now, chart=self._ticks % CHART_EVERY == 0)
+        return source.now()
 
     def _paint(self, now: float, chart: bool) -> None:
         self.panels.table.show(self.model.live, now)
@@ -296,10 +297,13 @@ class ConsoleApp(App[None]):
 
     def refresh_all(self) -> None:
         """Read and draw everything now (tests and snapshots call this after a replay seek)."""
-        self.tick()
-        if self.source is not None:
-            self._steps_pending = True
-            self._paint(self.source.now(), chart=True)
+        if self.source is None or self._console_closed:
+            return
+        self.pacer.painted()
+        now = self._read()
+        self._steps_pending = True
+        with self.batch_update():
+            self._paint(now, chart=True)
             self._spec()
 
     def _gauges(self, now: float) -> None:
@@ -460,7 +464,8 @@ class ConsoleApp(App[None]):
         return self.options.export_dir / f"llmconsole-session-{stamp}"
 
     def action_export(self) -> Path:
-        self.tick()  # include what arrived since the last refresh
+        if self.source is not None:
+            self._read()  # include what arrived since the last refresh
         folder = self.export_folder()
         counts = export_session(self.model.session, folder)
         rows = ", ".join(f"{n} {name.removesuffix('.csv')}" for name, n in counts.items())
@@ -532,6 +537,10 @@ class ConsoleApp(App[None]):
         if isinstance(self.source, ReplaySource):
             yield SystemCommand("Pause / resume replay", "space", self.action_pause)
 
+    def on_unmount(self) -> None:
+        # However the app ends (tests leave run_test without quitting): interpreter as it was.
+        self.interpreter.exit()
+
     async def action_quit(self) -> None:
         self.shutdown()
         self.exit()
@@ -541,8 +550,7 @@ class ConsoleApp(App[None]):
         if self._console_closed:
             return
         self._console_closed = True
-        if hasattr(self, "_saved_switch_interval"):
-            sys.setswitchinterval(self._saved_switch_interval)
+        self.interpreter.exit()
         if self.load is not None and self.load.running:
             self.load.stop()
         if self.session is not None:

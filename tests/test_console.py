@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import csv
 import datetime as dt
+import gc
 import io
 import socket
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -36,10 +38,13 @@ def test_console_starts_its_own_engine_and_api_and_quits_cleanly() -> None:
     sock = bind_socket("127.0.0.1", 0)
     port = sock.getsockname()[1]
     app = ConsoleApp(config=EngineConfig(port=port), sock=sock)
+    switch_interval = sys.getswitchinterval()
 
     async def run() -> None:
         async with app.run_test(size=SIZE) as pilot:
             await until(pilot, lambda: app.status == "serving", timeout=120)
+            # The loaded engine's objects are kept out of the garbage collector's full passes.
+            await until(pilot, lambda: gc.get_freeze_count() > 0)
             header = str(app.query_one("#header").render())
             assert "SmolLM2-135M-Instruct" in header and f"127.0.0.1:{port}/v1" in header
             assert app.query_one("#loading").has_class("-hidden")
@@ -49,6 +54,8 @@ def test_console_starts_its_own_engine_and_api_and_quits_cleanly() -> None:
         assert app.session is not None and not app.session.engine.alive
 
     asyncio.run(run())
+    # The interpreter is as the console found it.
+    assert gc.get_freeze_count() == 0 and sys.getswitchinterval() == switch_interval
     with pytest.raises(OSError):  # the API stopped with the console
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
 

@@ -121,6 +121,31 @@ def test_vanished_requests_lose_their_rows() -> None:
     drive(script)
 
 
+def test_requests_coming_and_going_within_the_view_need_no_layout_pass() -> None:
+    # A layout pass re-arranges the whole screen (~13 ms on a small CPU): rows that fit in the
+    # view must only repaint; a table that outgrows the view grows and scrolls.
+    async def script(app: TableApp, table: RequestsTable, pilot: Pilot[None]) -> None:
+        layouts: list[int] = []
+        refresh = table.refresh
+
+        def counting_refresh(*regions: object, layout: bool = False, **kw: object) -> object:
+            layouts.append(layout)
+            return refresh(*regions, layout=layout, **kw)  # type: ignore[arg-type]
+
+        table.refresh = counting_refresh  # type: ignore[method-assign]
+        height = table.virtual_size.height
+        for n in (3, 5, 1, ROWS_IN_VIEW, 0):
+            table.show([live(f"r{i}") for i in range(n)], NOW)
+            await pilot.pause()
+            assert table.virtual_size.height == height
+        assert layouts and not any(layouts)
+        table.show([live(f"r{i:02d}") for i in range(30)], NOW)
+        await pilot.pause()
+        assert table.virtual_size.height == 31  # the header and 30 rows: it scrolls
+
+    drive(script)
+
+
 def test_arrow_keys_move_the_selection_within_the_rows() -> None:
     async def script(app: TableApp, table: RequestsTable, pilot: Pilot[None]) -> None:
         table.show([live("a"), live("b"), live("c")], NOW)

@@ -158,7 +158,18 @@ class RequestsTable(ScrollView, can_focus=True):
         self._strips: dict[str, tuple[tuple[str, Style, int, int], Strip]] = {}
 
     def on_mount(self) -> None:
-        self.virtual_size = Size(LINE_WIDTH, len(self._order) + 1)
+        self._fit_virtual_size()
+
+    def on_resize(self) -> None:
+        self._fit_virtual_size()
+
+    def _fit_virtual_size(self) -> None:
+        """Header + rows, but never less than the view: while the rows fit, requests coming and
+        going leave the size alone, and so cost no layout pass of the whole screen (~13 ms on
+        a small CPU, more than repainting the rows)."""
+        height = max(len(self._order) + 1, self.scrollable_content_region.height)
+        if self.virtual_size != (size := Size(LINE_WIDTH, height)):
+            self.virtual_size = size
 
     # ---- reading -------------------------------------------------------------------------------
 
@@ -208,7 +219,7 @@ class RequestsTable(ScrollView, can_focus=True):
                 self._strips.pop(rid, None)  # never drawn if it was never in view
         self._order, self._cells, self._texts, self._cursor = order, wanted, texts, cursor
         if len(order) != len(old_order):
-            self.virtual_size = Size(LINE_WIDTH, len(order) + 1)
+            self._fit_virtual_size()
         self._refresh_rows(changed)
 
     def _refresh_rows(self, indices: set[int]) -> None:
