@@ -50,11 +50,15 @@ class TorchAttention(AttentionBackend):
         # A lone request whose slots are one contiguous run (the allocator hands out ascending
         # pages) reads its KV as a view of the pool: no gather at all. Checked only where the
         # slots are on the host: reading device slots back would stall the step.
-        self._kv_run: tuple[int, int] | None = None
+        # The view is [1, Hkv, max_kv, D] as (size, stride, offset): one as_strided per layer
+        # and tensor instead of a slice, a view and a transpose.
+        self._kv_run: tuple[tuple[int, ...], tuple[int, ...], int] | None = None
         if bsz == 1 and inputs.kv_slots.device.type == "cpu":
             first = int(inputs.kv_slots[0, 0])
             if torch.equal(inputs.kv_slots[0], torch.arange(first, first + max_kv)):
-                self._kv_run = (first, first + max_kv)
+                _, heads, dim = self.pool.k[0].shape  # each layer's own dense buffer
+                tok = heads * dim
+                self._kv_run = ((1, heads, max_kv, dim), (max_kv * tok, dim, tok, 1), first * tok)
         key_pos = torch.arange(max_kv)
         self._is_causal = False
         mask: torch.Tensor | None
@@ -101,27 +105,27 @@ class TorchAttention(AttentionBackend):
             self.pool.write(layer_id, self.write_slots, k, v)
         bsz, max_extend, max_kv = self._shape
         heads, head_dim = q.shape[1], q.shape[2]
-        kv_shape = (bsz, max_kv, k.shape[1], head_dim)
-        if self._kv_run is not None:
-            start, end = self._kv_run
-            keys = self.pool.k[layer_id][start:end].view(kv_shape)
-            values = self.pool.v[layer_id][start:end].view(kv_shape)
+        if self._kv_run is not None:  # [1, Hkv, Kmax, D] views of the pool, no copy
+            size, stride, offset = self._kv_run
+            keys = self.pool.k[layer_id].as_strided(size, stride, offset)
+            values = self.pool.v[layer_id].as_strided(size, stride, offset)
         else:
+            kv_shape = (bsz, max_kv, k.shape[1], head_dim)
             keys = self.pool.k[layer_id].index_select(0, self._kv_flat).view(kv_shape)
             values = self.pool.v[layer_id].index_select(0, self._kv_flat).view(kv_shape)
+            keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # [B, Hkv, Kmax, D]
         if keys.dtype != q.dtype:  # an fp8 pool (--kv-cache-dtype): widen what was read
             keys, values = keys.to(q.dtype), values.to(q.dtype)
-        keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # [B, Hkv, Kmax, D]
         if self._is_causal:
-            queries = q[None]  # [1, T, H, D]
+            queries = q[None].transpose(1, 2)  # [1, H, T, D]
         elif self._q_index is None:
-            queries = q[:, None]  # [B, 1, H, D]
+            queries = q.unsqueeze(2)  # [B, H, 1, D]
         else:
             padded = torch.cat([q, q.new_zeros(1, heads, head_dim)])
-            queries = padded[self._q_index]  # [B, Qmax, H, D]
+            queries = padded[self._q_index].transpose(1, 2)  # [B, H, Qmax, D]
         with self._kernels():
             out = F.scaled_dot_product_attention(
-                queries.transpose(1, 2),
+                queries,
                 keys,
                 values,
                 attn_mask=self._mask,
@@ -129,5 +133,7 @@ class TorchAttention(AttentionBackend):
                 scale=scale,
                 enable_gqa=keys.shape[1] != heads,
             )  # [B, H, Qmax, D]
+        if max_extend == 1:  # decode: [B, H, 1, D] is [B, H, D] already
+            return out.reshape(bsz, heads, head_dim)
         out = out.transpose(1, 2).reshape(bsz * max_extend, heads, head_dim)
         return out if self._out_index is None else out[self._out_index]
