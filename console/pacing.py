@@ -70,6 +70,11 @@ class PaintPacer:
         elapsed = self._clock() - self._painted_at
         return paint_due(self.budget, elapsed, self._cpu_clock() - self._cpu_at)
 
+    def forgive(self) -> None:
+        """Leave the UI thread's CPU time so far out of the budget: for one-off work (freezing
+        the heap after startup) that must not hold back the next repaints."""
+        self._cpu_at = self._cpu_clock()
+
     def painted(self) -> bool:
         """Record a paint starting now; True when the chart should be redrawn with it."""
         now = self._clock()

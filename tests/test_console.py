@@ -70,18 +70,19 @@ def test_requests_fill_the_table_and_steps_accumulate(engine: Engine) -> None:
             strip = app.query_one(StepStrip)
             steps_before = app.model.total_steps
             with ThreadPoolExecutor(4) as pool:
-                futures = fire(pool, client_for(app), prompts, max_tokens=48)
+                # Long enough to outlive a repaint interval (up to 2 s on a small machine).
+                futures = fire(pool, client_for(app), prompts, max_tokens=96)
                 await until(pilot, lambda: table.row_count == 4)
                 states = {table.cells(rid)[1] for rid in table.rids()}
                 assert states <= {"queued", "prefill", "decode"}
                 results = [await asyncio.wrap_future(f) for f in futures]
             assert all(reason == "length" for _, reason in results)
             await until(pilot, lambda: table.row_count == 0)
-            assert app.model.total_steps - steps_before >= 48
+            assert app.model.total_steps - steps_before >= 96
             shown = strip.visible_steps()
             assert shown and shown[-1].step_id == app.model.last_step.step_id
             assert any(s.kind == "decode" and s.batch_size == 4 for s in shown)
-            assert app.model.total_generated >= 4 * 48
+            assert app.model.total_generated >= 4 * 96
 
     asyncio.run(run())
     wait_idle(engine)

@@ -77,6 +77,15 @@ def test_the_screen_repaints_within_the_maximum_interval_however_costly() -> Non
     assert p.due()
 
 
+def test_forgiven_one_off_work_does_not_hold_back_the_next_paint() -> None:
+    p, clocks = pacer()
+    p.painted()
+    clocks.run(0.1, 0.3)  # e.g. freezing the heap after startup
+    p.forgive()
+    clocks.run(0.4)
+    assert p.due()
+
+
 def test_the_ui_threads_average_share_stays_within_the_budget() -> None:
     p, clocks = pacer()
     paints = paints_over(p, clocks, 60.0, paint_cpu=0.008)

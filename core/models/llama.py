@@ -235,7 +235,7 @@ class Attention(nn.Module):
         self.scale = config.head_dim**-0.5
         # q, k, v heads of the merged projection, and their sum
         nq, nkv = config.num_heads, config.num_kv_heads
-        self.qkv_heads = (nq, nkv, nkv, nq + 2 * nkv)
+        self.qkv_split, self.qkv_heads = (nq, nkv, nkv), nq + 2 * nkv
         mirror(self, "qkv_proj", "o_proj")
 
     def forward(
@@ -244,13 +244,23 @@ class Attention(nn.Module):
         rope: Rope,
         attn: AttentionBackend,
     ) -> torch.Tensor:
+        q, k, v, kv_written = self._rope_qkv(self.qkv_proj.forward(hidden), rope, attn)
+        out = attn.forward(self.layer_id, q, k, v, self.scale, kv_written=kv_written)  # [T, H, D]
+        return self.o_proj.forward(out.reshape(-1, self.config.q_size))
+
+    def _rope_qkv(
+        self,
+        qkv: torch.Tensor,  # [T, q_size + 2 kv_size]
+        rope: Rope,
+        attn: AttentionBackend,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+        """q [T, H, D], k and v [T, Hkv, D] with rope applied (and q/k norm where the model has
+        it); the flag is True when k and v are already written into the pool."""
         c = self.config
-        qkv = self.qkv_proj.forward(hidden)
         if rope.qkv_cos_sin is not None:  # torch path, no q/k norm: rope q|k|v in one go
-            qkv = apply_rope(qkv.view(-1, self.qkv_heads[3], c.head_dim), *rope.qkv_cos_sin)
-            q, k, v = qkv.split_with_sizes(self.qkv_heads[:3], dim=1)
-            out = attn.forward(self.layer_id, q, k, v, self.scale)  # [T, H, D]
-            return self.o_proj.forward(out.reshape(-1, c.q_size))
+            qkv = apply_rope(qkv.view(-1, self.qkv_heads, c.head_dim), *rope.qkv_cos_sin)
+            q, k, v = qkv.split_with_sizes(self.qkv_split, dim=1)
+            return q, k, v, False
         qk, v = qkv.split_with_sizes([c.q_size + c.kv_size, c.kv_size], dim=-1)
         v = v.view(-1, c.num_kv_heads, c.head_dim)
         if c.qk_norm:
@@ -274,14 +284,12 @@ class Attention(nn.Module):
                 pool.v[self.layer_id],
                 attn.write_slots,
             )
-            out = attn.forward(self.layer_id, q, k, v, self.scale, kv_written=True)
-            return self.o_proj.forward(out.reshape(-1, c.q_size))
+            return q, k, v, True
         assert rope.cos_sin is not None
         # Rope on q and k heads together: one set of element-wise ops instead of two.
         qk = apply_rope(qk, *rope.cos_sin)
         q, k = qk.split_with_sizes([c.num_heads, c.num_kv_heads], dim=1)
-        out = attn.forward(self.layer_id, q, k, v, self.scale)  # [T, H, D]
-        return self.o_proj.forward(out.reshape(-1, c.q_size))
+        return q, k, v, False
 
 
 class MLP(nn.Module):
