@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention.base import AttentionBackend
+from . import cpu_gemm
 from .config import ModelConfig
 
 
@@ -73,9 +74,14 @@ class Linear(nn.Module):
             else None
         )
         self.kernels = kernels
+        # fp32 on CPU: MKL's packed GEMM for batched decode (see cpu_gemm), else None
+        self.packed = cpu_gemm.for_weight(self.weight, self.bias)
         mirror(self, "weight", "bias")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        packed = self.packed
+        if packed is not None and packed.applies(x.shape[0]):
+            return packed(x)
         return linear(x, self.weight, self.bias, self.kernels)
 
 
@@ -363,6 +369,7 @@ class LlamaForCausalLM(nn.Module):
         if not config.tie_word_embeddings:
             self.lm_head = Linear(config.hidden_size, config.vocab_size, dtype)
         self.kernels = kernels
+        self.lm_head_packed = cpu_gemm.for_weight(self.lm_head_weight, None)
         self.feature_layers: tuple[int, ...] = ()  # see capture_features
 
     @property
@@ -408,6 +415,9 @@ class LlamaForCausalLM(nn.Module):
             self._tap(features, taps.index(self.config.num_layers), hidden, None)  # type: ignore[arg-type]
         if logit_indices is not None:
             hidden = hidden[logit_indices]
+        packed = self.lm_head_packed
+        if out is None and packed is not None and packed.applies(hidden.shape[0]):
+            return packed(hidden)  # fp32 already
         logits = linear(hidden, self.lm_head_weight, None, self.kernels, out=out)
         return logits if out is not None else logits.float()
 
