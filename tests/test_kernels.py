@@ -169,6 +169,29 @@ def _check_gemv() -> None:
     assert gemv.gemv(x, weight, out=out) is out
 
 
+@check("skinny_gemm")
+def _check_skinny_gemm() -> None:
+    from llmconsole.kernels import skinny_gemm as sg
+
+    gen = torch.Generator().manual_seed(0)
+    # Rows that fill one M block, leave it partial and need two; N with a partial last block;
+    # K that is and is not a multiple of the chunk; strided x and W rows; with and without bias.
+    for m, n, k, bias in ((2, 37, 300, True), (5, 64, 128, False), (17, 40, 96, True)):
+        weight = torch.randn(n, k + 3, generator=gen)[:, :k]
+        x = torch.randn(m, k + 5, generator=gen)[:, :k]
+        b = torch.randn(n, generator=gen) if bias else None
+        want = torch.nn.functional.linear(
+            x.double(), weight.double(), None if b is None else b.double()
+        )
+        torch.testing.assert_close(sg.skinny_gemm(x, weight, b), want.float(), rtol=1e-4, atol=1e-4)
+        cfg = sg.SkinnyConfig(16, 16, 32, num_warps=2, num_stages=2)
+        got = sg.skinny_gemm(x, weight, b, config=cfg)  # m=17: two M blocks
+        torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-4)
+    out = torch.empty(3, 16)
+    weight, x = torch.randn(16, 64, generator=gen), torch.randn(3, 64, generator=gen)
+    assert sg.skinny_gemm(x, weight, out=out) is out
+
+
 @check("gemv_silu_mul")
 def _check_gemv_silu_mul() -> None:
     from llmconsole.kernels import gemv
@@ -447,6 +470,37 @@ def test_gpu_norm_and_activation(cuda: torch.device) -> None:
         gate_up = torch.randn(tokens, 2 * 14336, device=cuda, dtype=torch.bfloat16)
         want = activation.silu_and_mul_ref(gate_up)
         torch.testing.assert_close(activation.silu_and_mul(gate_up), want)
+
+
+@pytest.mark.gpu
+def test_gpu_skinny_gemm_matches_fp32_reference_in_a_graph(cuda: torch.device) -> None:
+    """Batched decode's wide projections (gate_up, LM head) at graph bucket sizes, launched
+    plainly and replayed from a CUDA graph, against an fp32 product; and the model's linear()
+    takes the kernel only while capturing, for wide weights and 2-64 rows."""
+    from llmconsole.core.models.llama import Kernels, linear
+    from llmconsole.kernels import skinny_gemm as sg
+
+    kernels = Kernels.for_device(cuda)
+    assert kernels is not None
+    for rows, n, k in ((2, 28672, 4096), (24, 128256, 4096), (64, 28672, 4096), (17, 16400, 300)):
+        w = torch.randn(n, k, device=cuda, dtype=torch.bfloat16) * 0.02
+        x = torch.randn(rows, k, device=cuda, dtype=torch.bfloat16)
+        assert sg.supported(x, w)
+        want = x.float() @ w.float().t()
+        scale = want.abs().max()
+        got = sg.skinny_gemm(x, w)
+        assert ((got.float() - want).abs().max() / scale).item() < 1e-2
+        out = torch.empty(rows, n, device=cuda, dtype=torch.bfloat16)
+        linear(x, w, None, kernels, out=out)  # warm-up outside the graph: cuBLAS
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            linear(x, w, None, kernels, out=out)
+        out.zero_()
+        graph.replay()
+        torch.testing.assert_close(out, got, rtol=0, atol=0)  # the graph ran our kernel
+    assert not sg.supported(torch.randn(65, 64, device=cuda, dtype=torch.bfloat16), w[:, :64])
+    narrow = torch.randn(4096, 4096, device=cuda, dtype=torch.bfloat16)
+    assert not sg.supported(torch.randn(8, 4096, device=cuda, dtype=torch.bfloat16), narrow)
 
 
 @pytest.mark.gpu

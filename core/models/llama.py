@@ -33,14 +33,15 @@ class Kernels:
     activation: ModuleType
     rope_kv: ModuleType
     gemv: ModuleType
+    skinny_gemm: ModuleType
 
     @staticmethod
     def for_device(device: torch.device) -> Kernels | None:
         if device.type != "cuda" or importlib.util.find_spec("triton") is None:
             return None
-        from ...kernels import activation, gemv, norm, rope_kv
+        from ...kernels import activation, gemv, norm, rope_kv, skinny_gemm
 
-        return Kernels(norm, activation, rope_kv, gemv)
+        return Kernels(norm, activation, rope_kv, gemv, skinny_gemm)
 
 
 def mirror(module: nn.Module, *names: str) -> None:
@@ -93,11 +94,15 @@ def linear(
     out: torch.Tensor | None = None,  # [T, out]
 ) -> torch.Tensor:
     """x W^T (+ b). One row captured into a CUDA graph (batch-1 decode) goes through our GEMV,
-    which streams the weight faster than cuBLAS's matrix-vector path. Eager steps keep cuBLAS:
-    a Triton launch costs more host time per call than cuBLAS's, which a graph replay skips but
-    an eager step of ~130 projections would pay on every step."""
-    if kernels is not None and _graph_gemv(x, weight, kernels):
-        return kernels.gemv.gemv(x, weight, bias, out=out)
+    a few rows (batched decode) through our skinny GEMM: both stream the weight faster than
+    cuBLAS does for such thin products. Eager steps keep cuBLAS: a Triton launch costs more host
+    time per call than cuBLAS's, which a graph replay skips but an eager step of ~130
+    projections would pay on every step."""
+    if kernels is not None:
+        if _graph_gemv(x, weight, kernels):
+            return kernels.gemv.gemv(x, weight, bias, out=out)
+        if x.shape[0] > 1 and _graph_skinny(x, weight, kernels):
+            return kernels.skinny_gemm.skinny_gemm(x, weight, bias, out=out)
     if out is not None:
         assert bias is None
         return torch.mm(x, weight.t(), out=out)
@@ -111,6 +116,11 @@ def _graph_gemv(x: torch.Tensor, weight: torch.Tensor, kernels: Kernels) -> bool
         and torch.cuda.is_current_stream_capturing()
         and kernels.gemv.supported(x, weight)
     )
+
+
+def _graph_skinny(x: torch.Tensor, weight: torch.Tensor, kernels: Kernels) -> bool:
+    """A few rows being captured into a CUDA graph, in a layout the skinny GEMM takes."""
+    return kernels.skinny_gemm.supported(x, weight) and torch.cuda.is_current_stream_capturing()
 
 
 class Embedding(nn.Module):
