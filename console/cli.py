@@ -141,7 +141,10 @@ def serve(*, config: EngineConfig) -> None:
     server.start()
     err.print(f"serving {engine.model_name} at [bold]{server.url}/v1[/bold]  (Ctrl-C to stop)")
     stop = threading.Event()
+    # Both set here, not left to Python's defaults: a shell that starts `serve` in the
+    # background without job control hands it SIGINT ignored, and Ctrl-C must still stop it.
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
         while not stop.wait(0.5):
             pass
