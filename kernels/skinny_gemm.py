@@ -1,15 +1,18 @@
-"""y = x W^T (+ b) for 2-64 rows of x and a wide W (Triton, tensor cores): batched decode's
-gate_up projection and LM head.
+"""y = x W^T (+ b) for 2-64 rows of x (Triton, tensor cores): batched decode's projections.
 
 A decode step at batch 8-64 multiplies a few-row activation by every weight once: still bound by
 reading W, not by the tensor cores. Each program owns BLOCK_N whole rows of W [N, K] (row-major,
 as nn.Linear stores it) and all of x's rows, walks K in BLOCK_K chunks (software-pipelined,
 `num_stages` deep) and multiplies on the tensor cores; x stays in L2 while W streams past once.
-Grid: (cdiv(N, BLOCK_N) * cdiv(M, BLOCK_M),), the M blocks of one N block adjacent.
+Grid: (cdiv(N, BLOCK_N) * cdiv(M, BLOCK_M) * SPLIT_K,).
 
-Where it pays: W with thousands of N blocks. Per call on an H100, 64 rows: gate_up 28672x4096
-85-86 us against cuBLAS's 88.5-89.6, LM head 128256x4096 360 us (2.9 TB/s) against 387-393.
-The narrow weights (qkv, o, down: a few dozen N blocks) stay with cuBLAS (see WIDE_ROWS).
+Wide W (gate_up, LM head: thousands of N blocks) keeps every SM streaming. Per call on an H100,
+64 rows: gate_up 28672x4096 85-86 us against cuBLAS's 88.5-89.6, LM head 128256x4096 360 us
+(2.9 TB/s) against 387-393. The MLP's gate_up can also apply SiLU-and-mul in the epilogue
+(`skinny_gemm_silu_mul`: matching gate and up rows per program), one kernel and one [M, 2I]
+round trip fewer per layer. Narrow W (o, down: a few dozen N blocks) needs more programs than
+N blocks: K is cut into SPLIT_K slices whose fp32 partial sums a second, element-wise kernel
+adds (`_split_sum_kernel`; deterministic, unlike atomics). See NARROW_MAX_N for which shapes.
 Used, like the batch-1 GEMV, only inside CUDA graphs, where a Triton launch costs no host time.
 """
 
@@ -30,15 +33,18 @@ def _skinny_gemm_kernel(
     x_ptr,  # [M, K], rows of stride_x
     w_ptr,  # [N, K], rows of stride_w
     b_ptr,  # [N] or unused
-    out_ptr,  # [M, N], rows of stride_o
+    out_ptr,  # [M, N], rows of stride_o; with SPLIT_K > 1 fp32 partials [SPLIT_K, M, N]
     M,
-    N,
+    N,  # output columns (SILU_MUL: W holds 2N rows, gate then up)
     K,
+    k_per_split,  # a multiple of BLOCK_K; K when SPLIT_K == 1
     stride_x,
     stride_w,
     stride_o,
     HAS_BIAS: tl.constexpr,
-    EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no masks on the K axis
+    EVEN_K: tl.constexpr,  # every split's K range is whole BLOCK_K chunks: no K masks
+    SPLIT_K: tl.constexpr,
+    SILU_MUL: tl.constexpr,  # out = silu(x Wg^T) * (x Wu^T), W = [Wg; Wu]; SPLIT_K == 1
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -46,35 +52,85 @@ def _skinny_gemm_kernel(
 ):
     num_m = tl.cdiv(M, BLOCK_M)
     pid = tl.program_id(0)
-    pid_n = pid // num_m
-    pid_m = pid % num_m
+    pid_s = pid % SPLIT_K
+    pid_nm = pid // SPLIT_K
+    pid_n = pid_nm // num_m
+    pid_m = pid_nm % num_m
     rows_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = rows_m < M
     n_ok = rows_n < N
     w_rows = tl.where(n_ok, rows_n, 0)  # out-of-range rows re-read row 0; never stored
-    cols = tl.arange(0, BLOCK_K)
+    k_start = pid_s * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    cols = k_start + tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + rows_m.to(tl.int64)[:, None] * stride_x + cols[None, :]
     w_ptrs = w_ptr + w_rows.to(tl.int64)[:, None] * stride_w + cols[None, :]
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for start in range(0, K, BLOCK_K):
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # SILU_MUL only
+    up_offset = N.to(tl.int64) * stride_w
+    for start in range(k_start, k_end, BLOCK_K):
         if EVEN_K:
             x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
             w = tl.load(w_ptrs, eviction_policy="evict_first")
+            if SILU_MUL:
+                w_up = tl.load(w_ptrs + up_offset, eviction_policy="evict_first")
         else:
-            k_ok = (start + cols) < K
+            k_ok = (start - k_start + cols) < k_end
             x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0, eviction_policy="evict_first")
+            if SILU_MUL:
+                w_up = tl.load(
+                    w_ptrs + up_offset, mask=k_ok[None, :], other=0.0, eviction_policy="evict_first"
+                )
         acc = tl.dot(x, w.T, acc)  # [BLOCK_M, BLOCK_N]
+        if SILU_MUL:
+            acc_up = tl.dot(x, w_up.T, acc_up)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
+    if SILU_MUL:  # rounded as the unfused path rounds: gate and up to out's dtype, then the product
+        gate = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
+        up = acc_up.to(out_ptr.dtype.element_ty).to(tl.float32)
+        acc = gate * tl.sigmoid(gate) * up
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + w_rows, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        out_ptrs = out_ptr + rows_m.to(tl.int64)[:, None] * stride_o + rows_n[None, :]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    else:  # this K slice's partial sums; _split_sum_kernel adds the slices
+        part = out_ptr + (pid_s * M + rows_m.to(tl.int64))[:, None] * N + rows_n[None, :]
+        tl.store(part, acc, mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _split_sum_kernel(
+    part_ptr,  # [SPLIT_K, M, N] fp32
+    b_ptr,  # [N] or unused
+    out_ptr,  # [M, N], rows of stride_o
+    M,
+    N,
+    stride_o,
+    HAS_BIAS: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # flat over [M, N]
+    ok = idx < M * N
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    acc = tl.load(part_ptr + idx, mask=ok, other=0.0)
+    for s in tl.static_range(1, SPLIT_K):
+        acc += tl.load(part_ptr + s * M * N + idx, mask=ok, other=0.0)
+    col = idx % N
     if HAS_BIAS:
-        acc += tl.load(b_ptr + w_rows, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    out_ptrs = out_ptr + rows_m.to(tl.int64)[:, None] * stride_o + rows_n[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+        acc += tl.load(b_ptr + col, mask=ok, other=0.0).to(tl.float32)
+    row = idx // N
+    tl.store(out_ptr + row.to(tl.int64) * stride_o + col, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @dataclass(frozen=True)
@@ -84,31 +140,59 @@ class SkinnyConfig:
     block_k: int
     num_warps: int
     num_stages: int
+    split_k: int = 1  # K slices summed by a second kernel (narrow W: more programs)
 
 
 # Rows of x this kernel takes; outside it cuBLAS (one row: kernels/gemv.py).
 MIN_ROWS, MAX_ROWS = 2, 64
-# Only wide weights (gate_up, LM head: thousands of N blocks): with fewer rows (qkv, o, down;
-# a few dozen N blocks) our kernel, split-K or not, made the decode step slower than cuBLAS in
-# CUDA graphs on an H100 (batch 64: 10.4 ms against 9.3).
+# Wide weights (gate_up, LM head: thousands of N blocks) at any of those rows.
 WIDE_ROWS = 16384
-# `LLMCONSOLE_SKINNY_GEMM=0` at start-up keeps cuBLAS for these products (A/B runs).
-SWITCHED_ON = os.environ.get("LLMCONSOLE_SKINNY_GEMM", "1") != "0"
+# Narrow weights that project back to a hidden size of at most 4,096 from at least as many
+# inputs (o, down) at 17-64 rows, with K in 2-4 slices so that ~2 programs run per SM. On an
+# H200 (chains of 32 distinct weights in a CUDA graph, µs per call, ours vs cuBLAS): o 11.7 vs
+# 12.2 at 64 rows and 11.7 vs 14.2 at 32; down 32.2 vs 35.9 and 31.3 vs 33.0. qkv (6,144 rows)
+# did not gain (16.7 vs 16.3 at 64 rows) and stays with cuBLAS, as do fewer rows (not swept).
+NARROW_MAX_N, NARROW_MIN_ROWS = 4096, 17
+# `LLMCONSOLE_SKINNY_GEMM` at start-up, for A/B runs: "0" keeps cuBLAS for all these products,
+# "wide" takes only the wide ones, without the fused SiLU-and-mul (the 2026-11-28 kernel).
+MODE = os.environ.get("LLMCONSOLE_SKINNY_GEMM", "1")
+SWITCHED_ON = MODE != "0"
+
+
+def _narrow(m: int, n: int, k: int) -> bool:
+    return MODE == "1" and m >= NARROW_MIN_ROWS and n <= NARROW_MAX_N <= k and n <= k
 
 
 def skinny_config(m: int, n: int, k: int) -> SkinnyConfig:
-    """Launch shape for x [m, k] W[n, k]^T, W wide (see WIDE_ROWS): all of x's rows in one
-    block (16 at least, the tensor cores' smallest tile), 64- or 128-row N blocks, 128-column
-    K chunks three deep. Picked from a sweep on an H100 (N blocks 16-128, K chunks 64-256,
-    4/8 warps, 3-5 stages) over Llama-3-8B's gate_up and LM head at 16 / 64 / 128 rows."""
+    """Launch shape for x [m, k] W[n, k]^T. All of x's rows in one block (16 at least, the
+    tensor cores' smallest tile). Wide W: 64- or 128-row N blocks, 128-column K chunks three
+    deep, picked from a sweep on an H100 (N blocks 16-128, K chunks 64-256, 4/8 warps, 3-5
+    stages) over Llama-3-8B's gate_up and LM head at 16 / 64 / 128 rows. Narrow W (see
+    NARROW_MAX_N): K split 2-4 ways, from a sweep on an H200 (N blocks 16-128, K chunks
+    128/256, 3-5 stages, splits 1-8) at 32 and 64 rows."""
     block_m = min(128, max(16, triton.next_power_of_2(m)))
+    block_k = min(128, triton.next_power_of_2(k))
+    if n < WIDE_ROWS and _narrow(m, n, k):
+        if block_m > 32:
+            return SkinnyConfig(block_m, 64, block_k, 4, 4, split_k=2)
+        return SkinnyConfig(block_m, 128, block_k, 4, 4, split_k=4)
     block_n = 128 if m > 32 else 64
-    return SkinnyConfig(block_m, block_n, min(128, triton.next_power_of_2(k)), 4, 3)
+    return SkinnyConfig(block_m, block_n, block_k, 4, 3)
+
+
+def silu_mul_config(m: int, n: int, k: int) -> SkinnyConfig:
+    """Launch shape for the fused gate_up + SiLU-and-mul (n: output columns, W has 2n rows):
+    64 columns (128 W rows) per program, 128-column K chunks four deep. From a sweep on an H200
+    (Llama-3-8B's gate_up, chains of 32 in a CUDA graph, µs per call): 61.9 / 60.0 / 62.3 at
+    64 / 32 / 16 rows, against 65.1 / 61.6 / 71.7 for the wide skinny GEMM then the SiLU-and-mul
+    kernel and 68.2 / 66.3 / 65.8 for cuBLAS then that kernel."""
+    block_m = min(128, max(16, triton.next_power_of_2(m)))
+    return SkinnyConfig(block_m, 64, min(128, triton.next_power_of_2(k)), 4, 4)
 
 
 def supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """A few rows of x (unit column stride) against a weight with contiguous rows, on CUDA, in
-    one half-precision dtype."""
+    one half-precision dtype, of a shape this kernel beats cuBLAS on (wide, or narrow)."""
     return (
         SWITCHED_ON
         and x.is_cuda
@@ -118,8 +202,33 @@ def supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and weight.stride(1) == 1
         and x.dtype == weight.dtype
         and x.dtype in (torch.bfloat16, torch.float16)
-        and weight.shape[0] >= WIDE_ROWS
+        and (weight.shape[0] >= WIDE_ROWS or _narrow(x.shape[0], weight.shape[0], weight.shape[1]))
     )
+
+
+def supports_silu_mul(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `skinny_gemm_silu_mul` takes this merged [gate; up] weight."""
+    return (
+        MODE == "1"
+        and supported(x, weight)
+        and weight.shape[0] >= WIDE_ROWS
+        and weight.shape[0] % 2 == 0
+    )
+
+
+def skinny_gemm_silu_mul(
+    x: torch.Tensor,  # [M, K]
+    weight: torch.Tensor,  # [2N, K]: gate rows, then up rows
+    out: torch.Tensor | None = None,  # [M, N]
+    config: SkinnyConfig | None = None,
+) -> torch.Tensor:  # [M, N] = silu(x Wg^T) * x Wu^T
+    """The MLP's gate_up projection and SiLU-and-mul in one kernel: each program owns matching
+    gate and up rows, so the [M, 2N] projection never goes to memory."""
+    m, k = x.shape
+    n = weight.shape[0] // 2
+    cfg = config or silu_mul_config(m, n, k)
+    assert cfg.split_k == 1, "SiLU does not distribute over K slices"
+    return _launch(x, weight, None, out, cfg, n, silu_mul=True)
 
 
 def skinny_gemm(
@@ -131,26 +240,45 @@ def skinny_gemm(
 ) -> torch.Tensor:  # [M, N]
     m, k = x.shape
     n = weight.shape[0]
-    assert weight.shape[1] == k and x.stride(1) == 1 and weight.stride(1) == 1, (x.shape, k)
     cfg = config or skinny_config(m, n, k)
+    return _launch(x, weight, bias, out, cfg, n, silu_mul=False)
+
+
+def _launch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    out: torch.Tensor | None,
+    cfg: SkinnyConfig,
+    n: int,  # output columns
+    silu_mul: bool,
+) -> torch.Tensor:
+    m, k = x.shape
+    assert weight.shape[1] == k and x.stride(1) == 1 and weight.stride(1) == 1, (x.shape, k)
     if out is None:
         out = x.new_empty(m, n)
     assert out.shape == (m, n) and out.stride(1) == 1
     tiles = triton.cdiv(n, cfg.block_n) * triton.cdiv(m, cfg.block_m)
+    k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
+    split = triton.cdiv(k, k_per_split)  # no empty slices
     use_pdl = pdl.enabled(x)
-    _skinny_gemm_kernel[(tiles,)](
+    target = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+    _skinny_gemm_kernel[(tiles * split,)](
         x,
         weight,
         bias if bias is not None else weight,
-        out,
+        target,
         m,
         n,
         k,
+        k_per_split,
         x.stride(0),
         weight.stride(0),
         out.stride(0),
         HAS_BIAS=bias is not None,
-        EVEN_K=k % cfg.block_k == 0,
+        EVEN_K=k % k_per_split == 0 and k_per_split % cfg.block_k == 0,
+        SPLIT_K=split,
+        SILU_MUL=silu_mul,
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
@@ -159,4 +287,20 @@ def skinny_gemm(
         num_stages=cfg.num_stages,
         **pdl.launch_options(use_pdl),
     )
+    if split > 1:
+        block = 1024
+        _split_sum_kernel[(triton.cdiv(m * n, block),)](
+            target,
+            bias if bias is not None else weight,
+            out,
+            m,
+            n,
+            out.stride(0),
+            HAS_BIAS=bias is not None,
+            SPLIT_K=split,
+            BLOCK=block,
+            USE_PDL=use_pdl,
+            num_warps=4,
+            **pdl.launch_options(use_pdl),
+        )
     return out

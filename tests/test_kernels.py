@@ -187,9 +187,25 @@ def _check_skinny_gemm() -> None:
         cfg = sg.SkinnyConfig(16, 16, 32, num_warps=2, num_stages=2)
         got = sg.skinny_gemm(x, weight, b, config=cfg)  # m=17: two M blocks
         torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-4)
+        # K in 2-3 slices summed by the second kernel: whole chunks (k=128) and a ragged last
+        # slice (k=300, 96).
+        for split in (2, 3):
+            cfg = sg.SkinnyConfig(16, 16, 32, num_warps=2, num_stages=2, split_k=split)
+            got = sg.skinny_gemm(x, weight, b, config=cfg)
+            torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-4)
     out = torch.empty(3, 16)
     weight, x = torch.randn(16, 64, generator=gen), torch.randn(3, 64, generator=gen)
     assert sg.skinny_gemm(x, weight, out=out) is out
+    # gate_up with SiLU-and-mul in the epilogue: an odd intermediate size (partial N block), K
+    # on and off the chunk, one and two M blocks; against the unfused path's rounding.
+    for m, inter, k in ((3, 40, 64), (17, 24, 100)):
+        weight = torch.randn(2 * inter, k, generator=gen)
+        x = torch.randn(m, k, generator=gen)
+        gate, up = torch.nn.functional.linear(x.double(), weight.double()).float().chunk(2, -1)
+        want = torch.nn.functional.silu(gate) * up
+        cfg = sg.SkinnyConfig(16, 16, 32, num_warps=2, num_stages=2)
+        got = sg.skinny_gemm_silu_mul(x, weight, config=cfg)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 @check("gemv_silu_mul")
@@ -501,6 +517,91 @@ def test_gpu_skinny_gemm_matches_fp32_reference_in_a_graph(cuda: torch.device) -
     assert not sg.supported(torch.randn(65, 64, device=cuda, dtype=torch.bfloat16), w[:, :64])
     narrow = torch.randn(4096, 4096, device=cuda, dtype=torch.bfloat16)
     assert not sg.supported(torch.randn(8, 4096, device=cuda, dtype=torch.bfloat16), narrow)
+
+
+@pytest.mark.gpu
+def test_gpu_split_k_skinny_gemm_matches_fp32_reference_in_a_graph(cuda: torch.device) -> None:
+    """K in 2-8 slices summed by a second kernel (narrow weights: qkv, o, down), with a bias,
+    launched plainly and replayed from a CUDA graph: same values, within bf16 of fp32."""
+    from llmconsole.kernels import skinny_gemm as sg
+
+    for rows, n, k, split in ((64, 4096, 4096, 4), (32, 6144, 4096, 2), (64, 4096, 14336, 8)):
+        w = torch.randn(n, k, device=cuda, dtype=torch.bfloat16) * 0.02
+        x = torch.randn(rows, k, device=cuda, dtype=torch.bfloat16)
+        b = torch.randn(n, device=cuda, dtype=torch.bfloat16)
+        cfg = sg.SkinnyConfig(64, 64, 128, 4, 3, split_k=split)
+        want = x.float() @ w.float().t() + b.float()
+        got = sg.skinny_gemm(x, w, b, config=cfg)
+        assert ((got.float() - want).abs().max() / want.abs().max()).item() < 1e-2
+        out = torch.empty(rows, n, device=cuda, dtype=torch.bfloat16)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            sg.skinny_gemm(x, w, b, out=out, config=cfg)
+        graph.replay()
+        torch.testing.assert_close(out, got, rtol=0, atol=0)
+    # Which narrow shapes the model hands it at 17-64 rows: o and down, not qkv, not 8 rows.
+    rows64 = torch.empty(64, 4096, device=cuda, dtype=torch.bfloat16)
+    o_w = torch.empty(4096, 4096, device=cuda, dtype=torch.bfloat16)
+    down_w = torch.empty(4096, 14336, device=cuda, dtype=torch.bfloat16)
+    qkv_w = torch.empty(6144, 4096, device=cuda, dtype=torch.bfloat16)
+    assert sg.supported(rows64, o_w)
+    assert sg.supported(torch.empty(32, 14336, device=cuda, dtype=torch.bfloat16), down_w)
+    assert sg.skinny_config(64, 4096, 4096).split_k > 1
+    assert not sg.supported(rows64, qkv_w) and not sg.supported(rows64[:8], o_w)
+
+
+@pytest.mark.gpu
+def test_gpu_skinny_gate_up_silu_mul_matches_the_unfused_path_in_a_graph(
+    cuda: torch.device,
+) -> None:
+    """Batched decode's MLP: gate_up with SiLU-and-mul in the epilogue equals the gate_up
+    product followed by the SiLU-and-mul kernel, launched plainly and from a graph, and the
+    model's MLP takes it only while capturing."""
+    from llmconsole.core.models.config import ModelConfig
+    from llmconsole.core.models.llama import MLP, Kernels
+    from llmconsole.kernels import activation
+    from llmconsole.kernels import skinny_gemm as sg
+
+    for rows, inter, k in ((64, 14336, 4096), (8, 14336, 4096), (3, 8200, 1000)):
+        w = torch.randn(2 * inter, k, device=cuda, dtype=torch.bfloat16) * 0.02
+        x = torch.randn(rows, k, device=cuda, dtype=torch.bfloat16)
+        assert sg.supports_silu_mul(x, w)
+        want = activation.silu_and_mul((x.float() @ w.float().t()).to(torch.bfloat16))
+        got = sg.skinny_gemm_silu_mul(x, w)
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-3)
+        out = torch.empty(rows, inter, device=cuda, dtype=torch.bfloat16)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            sg.skinny_gemm_silu_mul(x, w, out=out)
+        graph.replay()
+        torch.testing.assert_close(out, got, rtol=0, atol=0)
+    import transformers
+
+    hf = transformers.LlamaConfig(
+        hidden_size=256,
+        intermediate_size=8192,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        num_hidden_layers=1,
+        vocab_size=512,
+    )
+    config = ModelConfig.from_hf(hf)
+    kernels = Kernels.for_device(cuda)
+    with torch.device(cuda):
+        mlp = MLP(config, torch.bfloat16, kernels)
+    mlp.gate_up_proj.weight.normal_(0, 0.02)
+    mlp.down_proj.weight.normal_(0, 0.02)
+    x = torch.randn(16, 256, device=cuda, dtype=torch.bfloat16)
+    eager = mlp.forward(x)  # cuBLAS + the SiLU-and-mul kernel
+    out = torch.empty_like(eager)
+    mlp.forward(x)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out.copy_(mlp.forward(x))
+    graph.replay()
+    fused = mlp.down_proj.forward(sg.skinny_gemm_silu_mul(x, mlp.gate_up_proj.weight))
+    torch.testing.assert_close(out, fused, rtol=0, atol=0)  # the graph took the fused kernel
+    torch.testing.assert_close(out, eager, rtol=2e-2, atol=2e-3)
 
 
 @pytest.mark.gpu

@@ -327,6 +327,14 @@ class MLP(nn.Module):
             if gate_up.bias is None and _graph_gemv(x, gate_up.weight, kernels):
                 # Batch 1 in a graph: SiLU-and-mul in the GEMV's epilogue, one kernel fewer.
                 return self.down_proj.forward(kernels.gemv.gemv_silu_mul(x, gate_up.weight))
+            if (
+                gate_up.bias is None
+                and x.shape[0] > 1
+                and kernels.skinny_gemm.supports_silu_mul(x, gate_up.weight)
+                and torch.cuda.is_current_stream_capturing()
+            ):  # batched decode in a graph: the same in the skinny GEMM's epilogue
+                act = kernels.skinny_gemm.skinny_gemm_silu_mul(x, gate_up.weight)
+                return self.down_proj.forward(act)
             return self.down_proj.forward(kernels.activation.silu_and_mul(gate_up.forward(x)))
         gate, up = self.gate_up_proj.forward(x).chunk(2, dim=-1)
         # In place on the fresh gate_up output: two fewer [T, intermediate] allocations.
