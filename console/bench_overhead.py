@@ -1,10 +1,13 @@
 """`llmconsole bench api-overhead`: the same prompts through HTTP and straight into the engine,
-in one process and one run, so the API's cost is a ratio measured side by side."""
+in one process and one run, so the API's cost is a ratio measured side by side. `--rounds N`
+alternates the two paths N times and reports the median ratio: on a shared machine one pair
+of runs can land on either side of a slow spell."""
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,6 +34,7 @@ def register_overhead(bench_app: typer.Typer, engine_flags: Any, start_engine: A
         concurrency: int = typer.Option(32, help="requests in flight"),
         max_tokens: int = typer.Option(64, help="tokens per request (ignore_eos)"),
         output_file: Path | None = typer.Option(None, help="append JSON rows here"),
+        rounds: int = typer.Option(1, help="alternate HTTP and offline N times; median ratio"),
         *,
         config: EngineConfig,
     ) -> None:
@@ -43,57 +47,73 @@ def register_overhead(bench_app: typer.Typer, engine_flags: Any, start_engine: A
             ("--num-prompts", num_prompts),
             ("--concurrency", concurrency),
             ("--max-tokens", max_tokens),
+            ("--rounds", rounds),
         ):
             if value < 1:
                 raise CliError(f"{name} must be >= 1, got {value}")
         out = Console()
         engine = start_engine(config)
+        pairs: list[tuple[dict[str, Any], Any]] = []
         try:
             pool = builtin_prompts()  # bench serve's builtin dataset: the same texts, same order
             texts = [pool[i % len(pool)] for i in range(num_prompts)]
-            with ApiServer(engine, host="127.0.0.1", port=0) as server:
-                http = _http_run(server.url, num_prompts, concurrency, max_tokens)
             prompts = [engine.tokenize(t) for t in texts]
             records = RunRecords(engine)
-            warm_up(engine, records, prompts[0])
-            offline = run_ours(engine, records, prompts, max_tokens, concurrency)
+            with ApiServer(engine, host="127.0.0.1", port=0) as server:
+                for _ in range(rounds):
+                    http = _http_run(server.url, num_prompts, concurrency, max_tokens)
+                    warm_up(engine, records, prompts[0])
+                    offline = run_ours(engine, records, prompts, max_tokens, concurrency)
+                    pairs.append((http, offline))
         finally:
             engine.shutdown()
-        http_tok_s = http["output_throughput"]
-        ratio = http_tok_s / offline.output_tok_s
+        ratios = [http["output_throughput"] / offline.output_tok_s for http, offline in pairs]
         table = Table(title=f"{engine.model_name}: {num_prompts} prompts x {max_tokens} tokens")
-        for column in ("path", "concurrency", "output tokens", "seconds", "output tok/s"):
+        for column in ("round", "path", "concurrency", "output tokens", "seconds", "output tok/s"):
             table.add_column(column, justify="right")
-        table.add_row(
-            "HTTP (streamed)",
-            str(concurrency),
-            str(http["total_output_tokens"]),
-            f"{http['duration_s']:.2f}",
-            f"{http_tok_s:.1f}",
-        )
-        table.add_row(
-            "offline engine",
-            str(concurrency),
-            str(offline.output_tokens),
-            f"{offline.seconds:.2f}",
-            f"{offline.output_tok_s:.1f}",
-        )
+        for i, (http, offline) in enumerate(pairs, 1):
+            table.add_row(
+                str(i),
+                "HTTP (streamed)",
+                str(concurrency),
+                str(http["total_output_tokens"]),
+                f"{http['duration_s']:.2f}",
+                f"{http['output_throughput']:.1f}",
+            )
+            table.add_row(
+                str(i),
+                "offline engine",
+                str(concurrency),
+                str(offline.output_tokens),
+                f"{offline.seconds:.2f}",
+                f"{offline.output_tok_s:.1f}",
+            )
         out.print(table)
-        out.print(f"HTTP / offline output tok/s: [bold]{ratio:.3f}[/bold]")
+        median = statistics.median(ratios)
+        if rounds > 1:
+            spread = f" (rounds: {', '.join(f'{r:.3f}' for r in ratios)})"
+        else:
+            spread = ""
+        out.print(f"HTTP / offline output tok/s: [bold]{median:.3f}[/bold]{spread}")
         if output_file is not None:
-            row = {
-                "bench": "api-overhead",
-                "model": engine.model_name,
-                "num_prompts": num_prompts,
-                "concurrency": concurrency,
-                "max_tokens": max_tokens,
-                "http_output_tok_s": round(http_tok_s, 2),
-                "offline_output_tok_s": round(offline.output_tok_s, 2),
-                "ratio": round(ratio, 4),
-                "time": time.time(),
-                **machine_info(),
-            }
-            append_jsonl(output_file, [row])
+            rows = [
+                {
+                    "bench": "api-overhead",
+                    "model": engine.model_name,
+                    "num_prompts": num_prompts,
+                    "concurrency": concurrency,
+                    "max_tokens": max_tokens,
+                    "round": i,
+                    "http_output_tok_s": round(http["output_throughput"], 2),
+                    "offline_output_tok_s": round(offline.output_tok_s, 2),
+                    "ratio": round(ratio, 4),
+                    "median_ratio": round(median, 4),
+                    "time": time.time(),
+                    **machine_info(),
+                }
+                for i, ((http, offline), ratio) in enumerate(zip(pairs, ratios, strict=True), 1)
+            ]
+            append_jsonl(output_file, rows)
 
 
 def _http_run(base_url: str, num_prompts: int, concurrency: int, max_tokens: int) -> dict[str, Any]:
