@@ -66,8 +66,8 @@ def test_concurrent_mixed_lengths_equal_one_at_a_time(engine: Engine) -> None:
 
 
 def test_chunked_prefill_and_retraction_keep_outputs_identical(engine: Engine) -> None:
-    # Five requests of ~70 tokens each against a 96-token pool: at most one finishes without
-    # being retracted, and every prefill (re-prefills included) goes in 7-token chunks.
+    # Five requests of ~70 tokens each against a 96-token pool force retraction (16 in a run
+    # here), and every prefill (re-prefills included) goes in 7-token chunks.
     prompts = [chat_ids(engine, q) for q in QUESTIONS]
     expected = [r.token_ids for r in engine.generate(prompts, greedy(32, ignore_eos=True))]
     small = Engine(EngineConfig(chunked_prefill_size=7, max_total_tokens=96, page_size=4))
