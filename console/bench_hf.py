@@ -9,6 +9,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
+from llmconsole.core.cpu_threads import release_omp_workers
+
 from .bench_common import err, fail, progress_bar
 from .bench_runs import RunStats
 
@@ -57,6 +59,7 @@ class HFReference:
             pad = eos[0] if isinstance(eos, list) else eos
         self.pad_id = int(pad if pad is not None else 0)
         self._torch = torch
+        release_omp_workers()  # the load's OpenMP workers would slow the engine thread
 
     def _generate(self, group: Sequence[list[int]], new_tokens: int) -> int:
         """Left-padded batch with an attention mask; returns the new tokens per row."""
@@ -95,6 +98,9 @@ class HFReference:
                 output_tokens += new * len(group)
                 bar.advance(task, new * len(group))
             seconds = time.perf_counter() - started
+        # Parked OpenMP workers of this thread would slow the engine's next round (see
+        # llmconsole.core.cpu_threads); the engine thread gives its own back while idle.
+        release_omp_workers()
         return RunStats(
             system="transformers",
             batch=batch,

@@ -17,6 +17,7 @@ from typing import Any
 
 from .attention import make_backend, require_cuda
 from .config import EngineConfig
+from .cpu_threads import release_omp_workers
 from .detokenizer import IncrementalDetokenizer
 from .hot_restart import HotRestartMixin, PendingGap, RestartCommand
 from .hot_restart import RestartError as RestartError  # re-exported: callers catch it here
@@ -134,6 +135,12 @@ class Engine(StepResultsMixin, HotRestartMixin):
             "finished_requests": 0,
             "steps_launched_ahead": 0,  # overlap schedule: launched before the last step's tokens
         }
+        # On the CPU the engine thread runs every product; OpenMP workers parked by any other
+        # thread slow it down (see cpu_threads), so the caller gives back those of the build.
+        self._on_cpu = self.loaded.device.type == "cpu"
+        self._omp_workers_held = False  # the engine thread computed since it last went idle
+        if self._on_cpu:
+            release_omp_workers()
         self._thread = threading.Thread(target=self._loop, name="llmconsole-engine", daemon=True)
         self._thread.start()
         self._event(
@@ -441,11 +448,17 @@ class Engine(StepResultsMixin, HotRestartMixin):
             idle = not self.scheduler.has_work()
             if idle and self._live:
                 self._publish_live()  # nobody should see requests that have finished
+            if idle and self._omp_workers_held:
+                # Idle workers would slow other threads' torch ops (a transformers run beside
+                # the engine); the next step starts new ones.
+                release_omp_workers()
+                self._omp_workers_held = False
             if not self._drain_inbox(block=idle):
                 break
             batch = self.scheduler.schedule()
             if batch is None:
                 continue
+            self._omp_workers_held = self._on_cpu
             if (
                 batch.kind == "decode"
                 and self.spec is None

