@@ -60,6 +60,9 @@ def test_console_starts_its_own_engine_and_api_and_quits_cleanly() -> None:
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
 
 
+STREAM_TOKENS = 256
+
+
 def test_requests_fill_the_table_and_steps_accumulate(engine: Engine) -> None:
     app = ConsoleApp(engine=engine)
     prompts = [f"Count from {i} to twenty:" for i in range(4)]
@@ -70,19 +73,20 @@ def test_requests_fill_the_table_and_steps_accumulate(engine: Engine) -> None:
             strip = app.query_one(StepStrip)
             steps_before = app.model.total_steps
             with ThreadPoolExecutor(4) as pool:
-                # Long enough to outlive a repaint interval (up to 2 s on a small machine).
-                futures = fire(pool, client_for(app), prompts, max_tokens=96)
+                # Long enough to outlive a repaint interval (up to 2 s on a small machine) with
+                # room to spare: at batch 4 the CPU box makes ~40 tokens a second per request.
+                futures = fire(pool, client_for(app), prompts, max_tokens=STREAM_TOKENS)
                 await until(pilot, lambda: table.row_count == 4)
                 states = {table.cells(rid)[1] for rid in table.rids()}
                 assert states <= {"queued", "prefill", "decode"}
                 results = [await asyncio.wrap_future(f) for f in futures]
             assert all(reason == "length" for _, reason in results)
             await until(pilot, lambda: table.row_count == 0)
-            assert app.model.total_steps - steps_before >= 96
+            assert app.model.total_steps - steps_before >= STREAM_TOKENS
             shown = strip.visible_steps()
             assert shown and shown[-1].step_id == app.model.last_step.step_id
             assert any(s.kind == "decode" and s.batch_size == 4 for s in shown)
-            assert app.model.total_generated >= 4 * 96
+            assert app.model.total_generated >= 4 * STREAM_TOKENS
 
     asyncio.run(run())
     wait_idle(engine)

@@ -4,6 +4,7 @@ streams requests, on the real default model, driven by Textual's pilot."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,7 +21,19 @@ from llmconsole.core.telemetry import EngineEvent
 
 SIZE = (120, 40)
 PROMPTS = [f"Count from {i} to thirty:" for i in range(6)]
-MAX_TOKENS = 150  # still streaming when the restart lands (~2 s of clicks, ~30 tokens each)
+# The streams must still run when the restart lands, ~2 s of clicks after they start. How many
+# tokens that takes depends on the machine, so it is sized from a probe (a size, not a check).
+STREAM_SECONDS = 10.0
+
+
+def streaming_max_tokens(engine: Engine) -> int:
+    """max_tokens that keeps PROMPTS streaming for ~STREAM_SECONDS on this machine."""
+    probe = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+    engine.generate(PROMPTS, probe)  # the first batched step packs the CPU weights: not timed
+    started = time.perf_counter()
+    engine.generate(PROMPTS, probe)
+    per_second = 32 / (time.perf_counter() - started)
+    return int(min(1000, max(150, per_second * STREAM_SECONDS)))
 
 
 async def press(pilot, selector: str) -> None:
@@ -40,14 +53,15 @@ def fresh() -> Iterator[Engine]:
 def test_flags_editor_restarts_the_engine_without_losing_a_stream(
     fresh: Engine, engine: Engine
 ) -> None:
-    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
+    max_tokens = streaming_max_tokens(engine)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     expected = [r.text for r in engine.generate(PROMPTS, params)]
     app = ConsoleApp(engine=fresh)
 
     async def run() -> None:
         async with app.run_test(size=SIZE) as pilot:
             with ThreadPoolExecutor(len(PROMPTS)) as pool:
-                futures = fire(pool, client_for(app), PROMPTS, MAX_TOKENS)
+                futures = fire(pool, client_for(app), PROMPTS, max_tokens)
                 await until(pilot, lambda: fresh.counters["generated_tokens"] >= 12)
                 await pilot.press("f")
                 editor = app.screen
@@ -71,6 +85,9 @@ def test_flags_editor_restarts_the_engine_without_losing_a_stream(
             strip = app.query_one(StepStrip)
             steps = [s for s in app.model.steps if s.step_id <= marked + 3]
             strip.show(steps, app.model.restart_steps)  # the marked step in view, at a known place
+            # The pointer is left where the modal's Confirm button was: over the strip once
+            # enough steps fill it, and a hovered step wins over the keyboard's.
+            await pilot.hover("#header")
             strip.focus()
             for _ in range(3):
                 await pilot.press("left")
