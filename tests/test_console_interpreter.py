@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import gc
+import os
 import sys
+import threading
+import time
+
+import pytest
 
 from llmconsole.console.interpreter import ConsoleInterpreter
 
@@ -46,3 +51,35 @@ def test_a_freeze_after_close_does_nothing() -> None:
     interp.enter()
     interp.exit()
     assert interp.freeze_heap() == 0 and gc.get_freeze_count() == 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
+def test_the_ui_thread_runs_at_a_lower_priority_while_open_and_no_other_thread_does() -> None:
+    def nice_of(tid: int) -> int:
+        return os.getpriority(os.PRIO_PROCESS, tid)
+
+    me = threading.get_native_id()
+    before = nice_of(me)
+    other_tid: list[int] = []
+    release = threading.Event()
+
+    def other() -> None:  # stands for the engine thread
+        other_tid.append(threading.get_native_id())
+        release.wait(10)
+
+    worker = threading.Thread(target=other)
+    worker.start()
+    while not other_tid:
+        time.sleep(0.001)
+    other_before = nice_of(other_tid[0])
+    interp = ConsoleInterpreter(ui_nice=3)
+    interp.enter()
+    try:
+        assert nice_of(me) == min(before + 3, 19)
+        assert nice_of(other_tid[0]) == other_before
+    finally:
+        interp.exit()
+        release.set()
+        worker.join()
+    if os.geteuid() == 0:  # giving a priority back needs privileges elsewhere
+        assert nice_of(me) == before
