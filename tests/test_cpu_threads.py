@@ -80,7 +80,9 @@ def test_release_is_harmless_with_nothing_parked() -> None:
     import torch
 
     results: list[bool] = []
-    worker = threading.Thread(target=lambda: results.extend([release_omp_workers()] * 2))
+    worker = threading.Thread(
+        target=lambda: results.extend([release_omp_workers(), release_omp_workers()])
+    )
     worker.start()
     worker.join()
     assert results == [True, True]
