@@ -148,6 +148,9 @@ class KVPool:
     def __init__(self, spec: KVPoolSpec, device: torch.device) -> None:
         self.spec = spec
         self.device = device
+        # Bumped by every bulk rewrite of slots (`copy_slots`): caches of the pool's contents
+        # (the torch backend's decode mirror) compare it to know they are stale.
+        self.epoch = 0
         shape = (spec.num_slots, spec.num_kv_heads, spec.head_dim)
         # Uninitialised (fast, and untouched memory is never committed on CPU); only the dummy
         # page is zeroed, because padded rows read it and 0 * NaN would poison their neighbours.
@@ -183,6 +186,7 @@ class KVPool:
 
     def copy_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """K/V of slots `src` -> slots `dst`, every layer (sources are read before any write)."""
+        self.epoch += 1
         for buf in (*self.k, *self.v):
             raw = _raw(buf)
             raw.index_copy_(0, dst, raw.index_select(0, src))

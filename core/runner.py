@@ -153,9 +153,11 @@ class ModelRunner:
             torch.cuda.empty_cache()
 
     def release(self) -> None:
-        """Drop the graphs (their memory pool) and the slot table, at shutdown or rebuild."""
+        """Drop the graphs (their memory pool), the slot table and the attention backend's own
+        memory, at shutdown or rebuild."""
         self.drop_cuda_graphs()
         self.slots.release()
+        self.attention.release()
 
     @torch.inference_mode()
     def forward(self, batch: ScheduledBatch, use_cuda_graph: bool = True) -> StepOutput:
@@ -358,6 +360,7 @@ class ModelRunner:
             kv_slots=kv_slots,
             write_slots=write_d,
             is_decode=batch.kind == "decode",
+            rows=tuple(rows),
         )
         self.attention.plan(inputs)
         features = self.features_buffer(num_tokens)

@@ -150,7 +150,7 @@ def test_resolved_config_is_read_only_with_getattr_defaults() -> None:
 
 
 def test_later_tokenizer_loads_skip_auto_tokenizer_and_match_it(
-    tmp_path: Path, default_tokenizer_folder: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, default_tokenizer_folder: Path, monkeypatch: pytest.MonkeyPatch, cache: Path
 ) -> None:
     folder = tmp_path / "tok"
     folder.mkdir()
@@ -170,10 +170,32 @@ def test_later_tokenizer_loads_skip_auto_tokenizer_and_match_it(
         first.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
     )
     assert later.eos_token_id == first.eos_token_id
+    # The added tokens came from the cache entry, not from parsing tokenizer.json again.
+    entry = json.loads(next((cache / "tokenizers").glob("*.json")).read_text())
+    assert [t["content"] for t in entry["added_tokens"]][:3] == [
+        "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+    ]  # fmt: skip
+    assert {i: str(t) for i, t in later.added_tokens_decoder.items()} == {
+        i: str(t) for i, t in first.added_tokens_decoder.items()
+    }
+    assert [t.special for t in later.added_tokens_decoder.values()] == [
+        t.special for t in first.added_tokens_decoder.values()
+    ]
+
+    # An edited tokenizer.json is a new entry, whose added tokens are read afresh.
+    tokens = json.loads((folder / "tokenizer.json").read_text())
+    tokens["added_tokens"].append(
+        {"id": len(first), "content": "<|tool|>", "single_word": False, "lstrip": False,
+         "rstrip": False, "normalized": False, "special": True}
+    )  # fmt: skip
+    (folder / "tokenizer.json").write_text(json.dumps(tokens))
+    assert config_cache.load_tokenizer(folder).encode("<|tool|>") == [len(first)]
+    assert config_cache.load_tokenizer(folder).encode("<|tool|>") == [len(first)]
+    assert calls.count == 2
 
     # Different tokenizer settings are a different entry: AutoTokenizer decides again.
     settings = json.loads((folder / "tokenizer_config.json").read_text())
     settings["model_max_length"] = 4096
     (folder / "tokenizer_config.json").write_text(json.dumps(settings))
     assert config_cache.load_tokenizer(folder).model_max_length == 4096
-    assert calls.count == 2
+    assert calls.count == 3

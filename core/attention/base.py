@@ -30,6 +30,10 @@ class AttentionInputs:
     kv_slots: torch.Tensor  # [B, max_kv_len] int64
     write_slots: torch.Tensor  # [T] int64, where each new token's K/V goes
     is_decode: bool  # every extend_len == 1
+    # The slot-table row of each request, when each is a running request on its own row (the
+    # runner's scheduled steps); None for draft and verify passes. Backends that keep state per
+    # request (the torch backend's decode mirror) key it by these.
+    rows: tuple[int, ...] | None = None
 
     @property
     def batch_size(self) -> int:
@@ -77,6 +81,9 @@ class AttentionBackend(ABC):
         kv_written: bool = False,
     ) -> torch.Tensor:  # [T, H, D]
         ...
+
+    def release(self) -> None:  # noqa: B027 - optional hook: most backends hold nothing extra
+        """Give back memory the backend holds beyond the pool (shutdown or rebuild)."""
 
     # ---- CUDA-graph hooks --------------------------------------------------------------------
 

@@ -2,11 +2,14 @@
 
 The ragged batch is padded to [B, max_extend] queries and [B, max_kv] keys once per step (in
 `plan`); every layer then does one gather and one SDPA call, never a Python loop over requests.
+On CPU, batched decode reads a per-request contiguous mirror of the KV instead of gathering
+(see kv_mirror); a lone request whose slots are one run reads a view of the pool.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +18,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..kv_cache import KVPool
 from ..transfer import to_device
 from .base import AttentionBackend, AttentionInputs
+from .kv_mirror import DecodeKVMirror, MirrorPlan
+
+_MIRROR_ENV = "LLMCONSOLE_CPU_KV_MIRROR"  # "0": gather from the pool (A/B runs)
 
 # cuDNN's SDPA builds (and caches) an execution plan per sequence length: every decode step has a
 # new KV length, so on CUDA it re-plans every step (~40 ms each on an H100). The other kernels
@@ -27,13 +33,27 @@ _CUDA_SDPA_BACKENDS = [
 
 
 class TorchAttention(AttentionBackend):
-    def __init__(self, pool: KVPool) -> None:
+    def __init__(self, pool: KVPool, decode_mirror: bool | None = None) -> None:
+        """`decode_mirror`: read batched decode from a contiguous KV mirror (kv_mirror; CPU
+        pools only). None picks it for CPU pools not in fp8, unless LLMCONSOLE_CPU_KV_MIRROR=0."""
         super().__init__(pool)
         self._kernels = (
             (lambda: sdpa_kernel(_CUDA_SDPA_BACKENDS))
             if pool.device.type == "cuda"
             else contextlib.nullcontext
         )
+        # The mirror holds at most as many tokens as the pool (so at most twice the KV memory).
+        # Not for fp8 pools: the mirror would keep what the pool rounds.
+        if decode_mirror is None:
+            decode_mirror = (
+                pool.device.type == "cpu"
+                and pool.spec.dtype.itemsize > 1
+                and os.environ.get(_MIRROR_ENV, "1") != "0"
+            )
+        if decode_mirror and pool.device.type != "cpu":
+            raise ValueError("the decode KV mirror is for CPU pools")
+        self._mirror = DecodeKVMirror(pool, pool.spec.num_slots) if decode_mirror else None
+        self._mirror_plan: MirrorPlan | None = None
 
     def plan(self, inputs: AttentionInputs) -> None:
         device = self.pool.device
@@ -91,6 +111,32 @@ class TorchAttention(AttentionBackend):
             )
         self._mask = None if mask is None else to_device(mask, device)
         self._shape = (bsz, max_extend, max_kv)
+        self._mirror_plan = self._plan_mirror(inputs)
+
+    @property
+    def mirror(self) -> DecodeKVMirror | None:
+        """The decode mirror, when this backend keeps one."""
+        return self._mirror
+
+    def _plan_mirror(self, inputs: AttentionInputs) -> MirrorPlan | None:
+        """Batched decode on the mirror; any other step tells it which requests' KV it changed."""
+        mirror = self._mirror
+        if mirror is None:
+            return None
+        if inputs.rows is None:  # a draft or verify pass: which requests it touched is unknown
+            mirror.invalidate()
+            return None
+        if not inputs.is_decode:
+            mirror.invalidate(inputs.rows)
+            return None
+        if self._kv_run is not None:  # one request on one run of slots: a view already
+            return None
+        return mirror.plan_decode(inputs.rows, inputs.kv_lens.tolist(), inputs.kv_slots)
+
+    def release(self) -> None:
+        self._mirror_plan = None
+        if self._mirror is not None:
+            self._mirror.release()
 
     def forward(
         self,
@@ -103,6 +149,8 @@ class TorchAttention(AttentionBackend):
     ) -> torch.Tensor:
         if not kv_written:
             self.pool.write(layer_id, self.write_slots, k, v)
+        if self._mirror_plan is not None:
+            return self._decode_on_mirror(layer_id, q, k, v, scale)
         bsz, max_extend, max_kv = self._shape
         heads, head_dim = q.shape[1], q.shape[2]
         if self._kv_run is not None:  # [1, Hkv, Kmax, D] views of the pool, no copy
@@ -143,3 +191,27 @@ class TorchAttention(AttentionBackend):
             return out.reshape(bsz, heads, head_dim)
         out = out.transpose(1, 2).reshape(bsz * max_extend, heads, head_dim)
         return out if self._out_index is None else out[self._out_index]
+
+    def _decode_on_mirror(
+        self,
+        layer_id: int,
+        q: torch.Tensor,  # [B, H, D]
+        k: torch.Tensor,  # [B, Hkv, D]
+        v: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:  # [B, H, D]
+        plan = self._mirror_plan
+        assert plan is not None and self._mirror is not None
+        keys, values = self._mirror.write_and_view(layer_id, plan, k, v)  # [span, Hkv, K, D]
+        bsz, heads, head_dim = q.shape
+        kv_heads = k.shape[1]
+        queries = q.view(bsz, kv_heads, heads // kv_heads, head_dim)  # GQA as query rows
+        if plan.index is not None:  # the batch's requests sit in other mirror rows
+            spread = queries.new_zeros(plan.span, *queries.shape[1:])
+            queries = spread.index_copy_(0, plan.index, queries)
+        out = F.scaled_dot_product_attention(
+            queries, keys, values, attn_mask=plan.mask, scale=scale
+        )  # [span, Hkv, G, D]
+        if plan.index is not None:
+            out = out.index_select(0, plan.index)
+        return out.reshape(bsz, heads, head_dim)

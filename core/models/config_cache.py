@@ -90,21 +90,58 @@ def load_config(folder: Path) -> ResolvedConfig:
 
 def load_tokenizer(folder: Path) -> Any:  # a transformers tokenizer
     """`AutoTokenizer.from_pretrained(folder)`, or, when the class it picked for these
-    tokenizer files is known, that class's `from_pretrained(folder)`."""
+    tokenizer files is known, that class's `from_pretrained(folder)`. The known entry also keeps
+    tokenizer.json's added tokens: given them, transformers skips parsing that file in Python
+    (~60-100 ms of a later start) when tokenizer_config.json does not list them itself."""
     path = _cache_path(_tokenizer_key(folder), "tokenizers")
     try:
-        module, name = json.loads(path.read_text())["class"]
+        entry = json.loads(path.read_text())
+        module, name = entry["class"]
         cls = getattr(importlib.import_module(module), name)
     except (OSError, ValueError, KeyError, ImportError, AttributeError):
         cls = None
     if cls is not None:
-        return cls.from_pretrained(str(folder))
+        kwargs = {}
+        if entry.get("added_tokens") is not None:
+            kwargs["added_tokens_decoder"] = _added_tokens_decoder(entry["added_tokens"])
+        return cls.from_pretrained(str(folder), **kwargs)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     picked = type(tokenizer)
-    _write_atomically(path, json.dumps({"class": [picked.__module__, picked.__qualname__]}))
+    entry = {"class": [picked.__module__, picked.__qualname__]}
+    entry["added_tokens"] = _file_added_tokens(folder)
+    _write_atomically(path, json.dumps(entry))
     return tokenizer
+
+
+def _file_added_tokens(folder: Path) -> list[dict[str, Any]] | None:
+    """tokenizer.json's added tokens, where transformers would read them from that file: only
+    when tokenizer_config.json has no `added_tokens_decoder` of its own and there is no legacy
+    added_tokens.json (both take other paths in transformers)."""
+    try:
+        settings = json.loads((folder / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        settings = {}
+    if "added_tokens_decoder" in settings or (folder / "added_tokens.json").exists():
+        return None
+    try:
+        added = json.loads((folder / "tokenizer.json").read_text())["added_tokens"]
+    except (OSError, ValueError, KeyError):
+        return None
+    return added if isinstance(added, list) else None
+
+
+def _added_tokens_decoder(added: list[dict[str, Any]]) -> dict[int, Any]:
+    """{id: AddedToken} as transformers builds it from tokenizer.json's `added_tokens`."""
+    from tokenizers import AddedToken
+
+    decoder = {}
+    for token in added:
+        fields = dict(token)
+        index = int(fields.pop("id"))
+        decoder[index] = AddedToken(**fields)
+    return decoder
 
 
 def _tokenizer_key(folder: Path) -> bytes:
@@ -115,8 +152,9 @@ def _tokenizer_key(folder: Path) -> bytes:
         stat = file.stat() if file.is_file() else None
         if name.startswith("tokenizer_config") or name == "config.json":
             parts.append(file.read_bytes() if stat else b"")
-        else:  # large files: presence and size are what the class choice depends on
-            parts.append(f"{name}:{stat.st_size if stat else -1}".encode())
+        else:  # large files: their size and time stand for their bytes (added tokens kept)
+            sig = f"{stat.st_size}:{stat.st_mtime_ns}" if stat else "-1"
+            parts.append(f"{name}:{sig}".encode())
     return b"\0".join(parts)
 
 
