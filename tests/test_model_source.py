@@ -312,6 +312,50 @@ def test_folder_resolves_and_streams_weights(tmp_path: Path, shard_size: str | N
         assert torch.equal(t, state[name]), name
 
 
+def _mapped_file(t: torch.Tensor) -> str | None:
+    """The file whose memory map holds `t`'s data (from /proc/self/maps), if any."""
+    addr = t.data_ptr()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        lo, hi = (int(x, 16) for x in fields[0].split("-"))
+        if lo <= addr < hi:
+            return fields[5] if len(fields) == 6 else None
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="needs Linux /proc")
+def test_unmerged_fp32_weights_load_without_a_copy(tmp_path: Path) -> None:
+    """On the CPU, weights the model keeps as they are in the checkpoint (o and down
+    projections, norms, embeddings) are the file's mapped pages, not a second copy in memory;
+    merged ones (q|k|v, gate|up) are copied. Writing to a weight never reaches the file."""
+    from llmconsole.core.config import EngineConfig
+    from llmconsole.core.model_loader import load_model
+
+    model = _tiny_llama()
+    folder = tmp_path / "tiny"
+    model.save_pretrained(folder)
+    file = str(folder / "model.safetensors")
+    ours = load_model(EngineConfig(model=str(folder)).resolve("cpu", 0.0)).model
+    layer = ours.layers[0]
+    state = model.state_dict()
+    assert _mapped_file(layer.self_attn.o_proj.weight) == file
+    assert _mapped_file(layer.mlp.down_proj.weight) == file
+    assert _mapped_file(ours.embed_tokens.weight) == file
+    assert _mapped_file(layer.self_attn.qkv_proj.weight) != file
+    assert torch.equal(
+        layer.self_attn.o_proj.weight, state["model.layers.0.self_attn.o_proj.weight"]
+    )
+    q = state["model.layers.0.self_attn.q_proj.weight"]
+    assert torch.equal(layer.self_attn.qkv_proj.weight[: q.shape[0]], q)
+    with torch.no_grad():
+        layer.self_attn.o_proj.weight.add_(1.0)  # copy-on-write: this process only
+    again = dict(iter_weights(resolve_model(str(folder))))
+    assert torch.equal(
+        again["model.layers.0.self_attn.o_proj.weight"],
+        state["model.layers.0.self_attn.o_proj.weight"],
+    )
+
+
 def test_hf_id_found_in_local_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     hub = tmp_path / "hub"
     snapshot = hub / "models--acme--tiny" / "snapshots" / "0123abcd"

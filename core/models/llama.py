@@ -12,6 +12,7 @@ torch, which is what the CPU tests compare with transformers.
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import ModuleType
@@ -23,6 +24,8 @@ from torch import nn
 from ..attention.base import AttentionBackend
 from . import cpu_gemm
 from .config import ModelConfig
+
+_ADOPT_ENV = "LLMCONSOLE_ADOPT_WEIGHTS"  # "0": copy every weight (A/B runs)
 
 
 @dataclass(frozen=True)
@@ -526,13 +529,28 @@ def load_hf_weights(
                     f"{hf_name}: checkpoint shape {tuple(tensor.shape)}, "
                     f"model expects {tuple(dest.shape)}"
                 )
-            dest.copy_(tensor)
+            if rows is None and _adoptable(tensor, param):
+                param.data = tensor  # no copy: the file's mapped pages become the weight
+            else:
+                dest.copy_(tensor)
         loaded.add(target if rows is None else f"{target}[{rows[0]}]")
     missing = _expected_loads(module, merged) - loaded
     if missing:
         raise ValueError(
             f"checkpoint is missing {len(missing)} tensors, e.g. {sorted(missing)[:3]}"
         )
+
+
+def _adoptable(tensor: torch.Tensor, param: torch.Tensor) -> bool:
+    """A whole checkpoint tensor that can stand in for the parameter as it is: same dtype and
+    device, dense. safetensors hands out CPU tensors over the file's memory map (copy-on-write),
+    so on the CPU an fp32 checkpoint's unmerged weights load without being copied."""
+    return (
+        tensor.dtype == param.dtype
+        and tensor.device == param.device
+        and tensor.is_contiguous()
+        and os.environ.get(_ADOPT_ENV, "1") != "0"
+    )
 
 
 def _expected_loads(model: nn.Module, merged: dict[str, tuple[str, int, int]]) -> set[str]:
