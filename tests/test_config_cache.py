@@ -182,6 +182,13 @@ def test_later_tokenizer_loads_skip_auto_tokenizer_and_match_it(
         t.special for t in first.added_tokens_decoder.values()
     ]
 
+    # A damaged list of added tokens costs only the speed-up.
+    path = next((cache / "tokenizers").glob("*.json"))
+    path.write_text(json.dumps({**entry, "added_tokens": [{"content": 3}, "junk"]}))
+    damaged = config_cache.load_tokenizer(folder)
+    assert damaged.encode("<|im_start|>user") == first.encode("<|im_start|>user")
+    path.write_text(json.dumps(entry))
+
     # An edited tokenizer.json is a new entry, whose added tokens are read afresh.
     tokens = json.loads((folder / "tokenizer.json").read_text())
     tokens["added_tokens"].append(

@@ -102,8 +102,11 @@ def load_tokenizer(folder: Path) -> Any:  # a transformers tokenizer
         cls = None
     if cls is not None:
         kwargs = {}
-        if entry.get("added_tokens") is not None:
-            kwargs["added_tokens_decoder"] = _added_tokens_decoder(entry["added_tokens"])
+        try:
+            if entry.get("added_tokens") is not None:
+                kwargs["added_tokens_decoder"] = _added_tokens_decoder(entry["added_tokens"])
+        except (TypeError, ValueError, KeyError, AttributeError):
+            pass  # a damaged entry: transformers reads tokenizer.json itself, as without one
         return cls.from_pretrained(str(folder), **kwargs)
     from transformers import AutoTokenizer
 
