@@ -187,6 +187,11 @@ def test_later_tokenizer_loads_skip_auto_tokenizer_and_match_it(
     path.write_text(json.dumps({**entry, "added_tokens": [{"content": 3}, "junk"]}))
     damaged = config_cache.load_tokenizer(folder)
     assert damaged.encode("<|im_start|>user") == first.encode("<|im_start|>user")
+    path.write_text("[1, 2]")  # not an entry at all: AutoTokenizer decides again
+    assert config_cache.load_tokenizer(folder).encode("<|im_start|>") == first.encode(
+        "<|im_start|>"
+    )
+    assert calls.count == 2
     path.write_text(json.dumps(entry))
 
     # An edited tokenizer.json is a new entry, whose added tokens are read afresh.
@@ -198,11 +203,11 @@ def test_later_tokenizer_loads_skip_auto_tokenizer_and_match_it(
     (folder / "tokenizer.json").write_text(json.dumps(tokens))
     assert config_cache.load_tokenizer(folder).encode("<|tool|>") == [len(first)]
     assert config_cache.load_tokenizer(folder).encode("<|tool|>") == [len(first)]
-    assert calls.count == 2
+    assert calls.count == 3
 
     # Different tokenizer settings are a different entry: AutoTokenizer decides again.
     settings = json.loads((folder / "tokenizer_config.json").read_text())
     settings["model_max_length"] = 4096
     (folder / "tokenizer_config.json").write_text(json.dumps(settings))
     assert config_cache.load_tokenizer(folder).model_max_length == 4096
-    assert calls.count == 3
+    assert calls.count == 4

@@ -6,8 +6,8 @@ the whole batch's KV again, though only one token per request is new. On the 2-c
 32 requests that gather was ~7% of a decode step with ~100 tokens of context and ~25% with 400.
 
 The mirror keeps each decoding request's KV in a row of its own, head-major, so that SDPA reads
-the batch as a strided view with no copy: per step it only appends the new token (one
-`index_copy_` per layer for K and one for V, the same as the pool write). The pool stays the
+the batch as a strided view with no copy: per step it only appends the new token (one indexed
+store per layer for K and one for V, as the pool write does). The pool stays the
 source of truth; a row is (re)filled from it whenever it does not hold exactly the request's
 KV before this step, and its memory is bounded (`max_tokens` rows x width), beyond which the
 backend falls back to the gather.
@@ -28,12 +28,12 @@ _MIN_ROWS, _MIN_WIDTH = 8, 64
 
 @dataclass(frozen=True)
 class MirrorPlan:
-    """One decode step over the mirror: request b sits in mirror row `index[b]`."""
+    """One decode step over the mirror: request b sits in mirror row `rows[b]`."""
 
-    index: torch.Tensor | None  # [B] int64 mirror rows in batch order; None: rows 0..B-1
+    rows: torch.Tensor  # [B] int64 mirror rows, in batch order
+    in_order: bool  # rows is 0..B-1: queries and outputs need no reordering
     span: int  # rows [0, span) take part (rows of other requests are masked to one key)
     kv_len: int  # the longest request's KV after this step: the keys' width
-    rows: torch.Tensor  # [B] int64 mirror rows, batch order (as `index`, always set)
     positions: torch.Tensor  # [B] int64 where each request's new token goes
     mask: torch.Tensor | None  # [span, 1, 1, kv_len] bool; None when every row is full
 
@@ -171,12 +171,12 @@ class DecodeKVMirror:
                 mirror[layer][:, :, :known].index_copy_(0, dest, got)
 
     def _plan(self, index: list[int], kv_lens: Sequence[int], span: int, width: int) -> MirrorPlan:
-        in_order = index == list(range(len(index)))
         rows = torch.tensor(index, dtype=torch.int64)
-        positions = torch.tensor(kv_lens, dtype=torch.int64) - 1
+        batch_lens = torch.tensor(kv_lens, dtype=torch.int64)
         lens = torch.ones(span, dtype=torch.int64)  # rows outside the batch: one (zero) key
-        lens[rows] = torch.tensor(kv_lens, dtype=torch.int64)
+        lens[rows] = batch_lens
         mask = None
         if bool((lens != width).any()):
             mask = (torch.arange(width)[None, :] < lens[:, None])[:, None, None, :]
-        return MirrorPlan(None if in_order else rows, span, width, rows, positions, mask)
+        in_order = index == list(range(len(index)))
+        return MirrorPlan(rows, in_order, span, width, batch_lens - 1, mask)

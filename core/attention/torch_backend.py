@@ -65,8 +65,6 @@ class TorchAttention(AttentionBackend):
         max_kv = int(inputs.kv_slots.shape[1])
         num_tokens = int(extend.sum())
         self.write_slots = to_device(inputs.write_slots, device)
-        # One flat index: index_select is several times faster than 2-D advanced indexing.
-        self._kv_flat = to_device(inputs.kv_slots.reshape(-1), device)
         # A lone request whose slots are one contiguous run (the allocator hands out ascending
         # pages) reads its KV as a view of the pool: no gather at all. Checked only where the
         # slots are on the host: reading device slots back would stall the step.
@@ -79,6 +77,11 @@ class TorchAttention(AttentionBackend):
                 _, heads, dim = self.pool.k[0].shape  # each layer's own dense buffer
                 tok = heads * dim
                 self._kv_run = ((1, heads, max_kv, dim), (max_kv * tok, dim, tok, 1), first * tok)
+        self._mirror_plan = self._plan_mirror(inputs)
+        if self._mirror_plan is not None:
+            return  # nothing to gather, no mask of the padded batch: the mirror has its own
+        # One flat index: index_select is several times faster than 2-D advanced indexing.
+        self._kv_flat = to_device(inputs.kv_slots.reshape(-1), device)
         key_pos = torch.arange(max_kv)
         self._is_causal = False
         mask: torch.Tensor | None
@@ -111,7 +114,6 @@ class TorchAttention(AttentionBackend):
             )
         self._mask = None if mask is None else to_device(mask, device)
         self._shape = (bsz, max_extend, max_kv)
-        self._mirror_plan = self._plan_mirror(inputs)
 
     @property
     def mirror(self) -> DecodeKVMirror | None:
@@ -206,12 +208,12 @@ class TorchAttention(AttentionBackend):
         bsz, heads, head_dim = q.shape
         kv_heads = k.shape[1]
         queries = q.view(bsz, kv_heads, heads // kv_heads, head_dim)  # GQA as query rows
-        if plan.index is not None:  # the batch's requests sit in other mirror rows
+        if not plan.in_order:  # the batch's requests sit in other mirror rows
             spread = queries.new_zeros(plan.span, *queries.shape[1:])
-            queries = spread.index_copy_(0, plan.index, queries)
+            queries = spread.index_copy_(0, plan.rows, queries)
         out = F.scaled_dot_product_attention(
             queries, keys, values, attn_mask=plan.mask, scale=scale
         )  # [span, Hkv, G, D]
-        if plan.index is not None:
-            out = out.index_select(0, plan.index)
+        if not plan.in_order:
+            out = out.index_select(0, plan.rows)
         return out.reshape(bsz, heads, head_dim)

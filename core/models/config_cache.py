@@ -98,8 +98,8 @@ def load_tokenizer(folder: Path) -> Any:  # a transformers tokenizer
         entry = json.loads(path.read_text())
         module, name = entry["class"]
         cls = getattr(importlib.import_module(module), name)
-    except (OSError, ValueError, KeyError, ImportError, AttributeError):
-        cls = None
+    except (OSError, ValueError, KeyError, TypeError, ImportError, AttributeError):
+        cls = None  # not cached yet, or a damaged entry: AutoTokenizer decides again
     if cls is not None:
         kwargs = {}
         try:

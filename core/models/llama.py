@@ -508,6 +508,7 @@ def load_hf_weights(
         "up_proj": ("gate_up_proj", c.intermediate_size, c.intermediate_size),
     }
     loaded: set[str] = set()
+    adopt = os.environ.get(_ADOPT_ENV, "1") != "0"
     for hf_name, tensor in weights:
         name = rename(hf_name)
         if name is None:
@@ -529,7 +530,7 @@ def load_hf_weights(
                     f"{hf_name}: checkpoint shape {tuple(tensor.shape)}, "
                     f"model expects {tuple(dest.shape)}"
                 )
-            if rows is None and _adoptable(tensor, param):
+            if rows is None and adopt and _adoptable(tensor, param):
                 param.data = tensor  # no copy: the file's mapped pages become the weight
             else:
                 dest.copy_(tensor)
@@ -545,12 +546,7 @@ def _adoptable(tensor: torch.Tensor, param: torch.Tensor) -> bool:
     """A whole checkpoint tensor that can stand in for the parameter as it is: same dtype and
     device, dense. safetensors hands out CPU tensors over the file's memory map (copy-on-write),
     so on the CPU an fp32 checkpoint's unmerged weights load without being copied."""
-    return (
-        tensor.dtype == param.dtype
-        and tensor.device == param.device
-        and tensor.is_contiguous()
-        and os.environ.get(_ADOPT_ENV, "1") != "0"
-    )
+    return tensor.dtype == param.dtype and tensor.device == param.device and tensor.is_contiguous()
 
 
 def _expected_loads(model: nn.Module, merged: dict[str, tuple[str, int, int]]) -> set[str]:
