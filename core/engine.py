@@ -146,7 +146,10 @@ class Engine(StepResultsMixin, HotRestartMixin):
         self._event(
             "start",
             f"engine ready: {self.model_name} on {self.config.device}",
-            {"load_seconds": round(self.loaded.load_seconds, 3)},
+            {
+                "load_seconds": round(self.loaded.load_seconds, 3),
+                "weights": self.loaded.weight_format,
+            },
         )
 
     def _release_partial(self) -> None:

@@ -7,6 +7,7 @@ KV pool, graphs and plans.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 
 from .config import EngineConfig
-from .models import config_cache
+from .models import config_cache, gguf_blocks
 from .models.config import ModelConfig
 from .models.llama import LlamaForCausalLM
 from .models.source import ModelSource, resolve_model
@@ -37,6 +38,8 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     load_seconds: float
+    # What decode products read: the weights' dtype, plus the GGUF blocks they took, if any
+    weight_format: str = ""
 
 
 def pick_device(requested: str) -> torch.device:
@@ -61,6 +64,10 @@ def load_model(config: EngineConfig, progress: Progress | None = None) -> Loaded
     report = progress or (lambda stage, fraction: None)
     device = torch.device(config.device)
     dtype = DTYPES[config.dtype]
+    if device.type == "cpu" and dtype == torch.float32 and _may_be_gguf(config.model):
+        # Compile the blocks kernel (first start only, a few seconds in a subprocess) while the
+        # GGUF converts and loads; attach_gguf_blocks waits for it.
+        threading.Thread(target=gguf_blocks.kernel, name="cpu-blocks-build", daemon=True).start()
     source = resolve_model(config.model, config.load_format, progress=report)
     model_config = ModelConfig.from_hf(source.config)
     tokenizer_path = config.tokenizer_path or source.tokenizer_path
@@ -69,9 +76,11 @@ def load_model(config: EngineConfig, progress: Progress | None = None) -> Loaded
         # copies (one GIL hand-off per tensor) slow each other down more than they overlap:
         # on 2 cores the engine build took a median 1.22 s in turn, 1.41 s at once.
         model = _build_model(config, source, model_config, device, dtype, report)
+        blocks = attach_gguf_blocks(model, source, dtype)
         report("loading tokenizer", 0.9)
         tokenizer = load_tokenizer(tokenizer_path)
     else:
+        blocks = {}
         # Host-to-device weight copies run long without the GIL: the tokenizer loads meanwhile.
         with ThreadPoolExecutor(1, thread_name_prefix="tokenizer") as pool:
             tokenizer_future = pool.submit(load_tokenizer, tokenizer_path)
@@ -92,7 +101,30 @@ def load_model(config: EngineConfig, progress: Progress | None = None) -> Loaded
         device=device,
         dtype=dtype,
         load_seconds=time.perf_counter() - started,
+        weight_format=describe_weights(dtype, blocks),
     )
+
+
+def attach_gguf_blocks(
+    model: LlamaForCausalLM, source: ModelSource, dtype: torch.dtype
+) -> dict[str, int]:
+    """fp32 CPU weights of a converted GGUF take its blocks for decode (gguf_blocks); returns
+    the count by kind."""
+    if dtype != torch.float32 or source.path is None:
+        return {}
+    return gguf_blocks.attach(model, source.path)
+
+
+def _may_be_gguf(model: str | None) -> bool:
+    return model is None or model.lower().endswith(".gguf")
+
+
+def describe_weights(dtype: torch.dtype, blocks: dict[str, int]) -> str:
+    name = str(dtype).removeprefix("torch.")
+    if not blocks:
+        return name
+    kinds = ", ".join(f"{n} {k.upper()}" for k, n in sorted(blocks.items()))
+    return f"{name}; decode reads GGUF blocks ({kinds})"
 
 
 def _build_model(

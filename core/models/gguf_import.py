@@ -21,13 +21,14 @@ from typing import Any
 import numpy as np
 
 from .errors import UnsupportedModelError
+from .gguf_blocks import BLOCKS_FILE, gguf_kind, write_blocks
 from .gguf_config import GGUF_ARCHS, config_from_gguf, dequantize_tensor, read_field
 from .safetensors_stream import LazyTensor, write_float32_safetensors
 
 Progress = Callable[[str, float], None]
 
 # Bump when the folder layout or tensor maths change, so stale conversions are not reused.
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2  # 2: the quantized projections' blocks kept too (gguf_blocks)
 MARKER = "llmconsole-gguf.json"
 
 _TOP_LEVEL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
@@ -132,6 +133,8 @@ def convert_gguf(gguf_path: Path, out: Path, progress: Progress) -> None:
         entries,
         lambda i: progress("dequantizing weights", 0.5 + 0.49 * (i + 1) / n),
     )
+    progress("keeping quantized blocks", 0.99)
+    write_blocks(out / BLOCKS_FILE, _block_rows(tensors, config, permute_qk=GGUF_ARCHS[arch][2]))
     st = gguf_path.stat()
     marker = {
         "source": str(gguf_path.resolve()),
@@ -187,6 +190,24 @@ def _weight_entries(tensors: dict[str, Any], config: Any, permute_qk: bool) -> l
         shape = tuple(int(d) for d in reversed(tensor.shape))
         entries.append((name, shape, load))
     return entries
+
+
+def _block_rows(
+    tensors: dict[str, Any], config: Any, permute_qk: bool
+) -> dict[str, tuple[str, np.ndarray]]:
+    """HF name -> (kind, raw block rows [N, row_bytes]) for every 2-D weight in a block type the
+    CPU kernel reads; Q/K rows un-permuted exactly as their fp32 copies are."""
+    heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
+    rows: dict[str, tuple[str, np.ndarray]] = {}
+    for gguf_name, tensor in tensors.items():
+        kind = gguf_kind(tensor.tensor_type.name)
+        name = hf_tensor_name(gguf_name)
+        if kind is None or name is None or len(tensor.shape) != 2:
+            continue
+        n_head = heads.get(gguf_name.split(".")[-2]) if permute_qk else None
+        data = np.asarray(tensor.data)  # [N, row_bytes] uint8
+        rows[name] = (kind, unpermute_rope_rows(data, n_head) if n_head else data)
+    return rows
 
 
 def _save_generation_config(config: Any, out: Path) -> None:

@@ -16,6 +16,7 @@ import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,9 @@ from torch import nn
 from ..attention.base import AttentionBackend
 from . import cpu_gemm
 from .config import ModelConfig
+
+if TYPE_CHECKING:
+    from .gguf_blocks import BlockWeight
 
 _ADOPT_ENV = "LLMCONSOLE_ADOPT_WEIGHTS"  # "0": copy every weight (A/B runs)
 
@@ -80,9 +84,14 @@ class Linear(nn.Module):
         self.kernels = kernels
         # fp32 on CPU: MKL's packed GEMM for batched decode (see cpu_gemm), else None
         self.packed = cpu_gemm.for_weight(self.weight, self.bias)
+        # a GGUF checkpoint's blocks of this weight, for few-row products on CPU (gguf_blocks)
+        self.blocks: BlockWeight | None = None
         mirror(self, "weight", "bias")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        blocks = self.blocks
+        if blocks is not None and blocks.applies(x.shape[0]):
+            return blocks(x)
         packed = self.packed
         if packed is not None and packed.applies(x.shape[0]):
             return packed(x)
@@ -391,6 +400,7 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = Linear(config.hidden_size, config.vocab_size, dtype)
         self.kernels = kernels
         self.lm_head_packed = cpu_gemm.for_weight(self.lm_head_weight, None)
+        self.lm_head_blocks: BlockWeight | None = None  # see Linear.blocks
         self.feature_layers: tuple[int, ...] = ()  # see capture_features
 
     @property
@@ -436,6 +446,9 @@ class LlamaForCausalLM(nn.Module):
             self._tap(features, taps.index(self.config.num_layers), hidden, None)  # type: ignore[arg-type]
         if logit_indices is not None:
             hidden = hidden[logit_indices]
+        blocks = self.lm_head_blocks
+        if out is None and blocks is not None and blocks.applies(hidden.shape[0]):
+            return blocks(hidden)  # fp32 already
         packed = self.lm_head_packed
         if out is None and packed is not None and packed.applies(hidden.shape[0]):
             return packed(hidden)  # fp32 already
