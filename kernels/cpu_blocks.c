@@ -34,6 +34,7 @@ enum { Q4_0 = 0, Q4_1 = 1, Q8_0 = 2 };
  * registers (22 of AVX-512's 32). Measured against 4x4 and 6x3 on the default model's shapes. */
 #define NR 2
 #define MR 8
+#define NC 32 /* rows of W per chunk (16-128 measured alike, 2 ~5% slower at 32 rows) */
 
 static inline float half_to_float(const uint8_t *p) {
     uint16_t h;
@@ -141,15 +142,21 @@ static inline __attribute__((always_inline)) void tile_direct(int kind, int mr, 
         }                                                                                      \
     }
 
+/* Output rows begin..end for all of x. Rows of W go in chunks of NC: within a chunk every x tile
+ * (MR rows, 18 KB at K=576) is reused from L1 across the chunk's W rows instead of being
+ * re-read from L2 for every NR of them. */
 static void direct(int kind, const float *x, long M, long K, const uint8_t *w, long row_bytes,
-                   long N, float *y, long n0, long n1) {
-    for (; n0 < n1; n0 += NR) {
-        int nr = n1 - n0 < NR ? (int)(n1 - n0) : NR;
+                   long N, float *y, long begin, long end) {
+    for (long c0 = begin; c0 < end; c0 += NC) {
+        long c1 = c0 + NC < end ? c0 + NC : end;
         for (long m0 = 0; m0 < M; m0 += MR) {
             int mr = M - m0 < MR ? (int)(M - m0) : MR;
-            if (kind == Q4_0) { DIRECT_CASES(Q4_0) }
-            else if (kind == Q4_1) { DIRECT_CASES(Q4_1) }
-            else { DIRECT_CASES(Q8_0) }
+            for (long n0 = c0; n0 < c1; n0 += NR) {
+                int nr = c1 - n0 < NR ? (int)(c1 - n0) : NR;
+                if (kind == Q4_0) { DIRECT_CASES(Q4_0) }
+                else if (kind == Q4_1) { DIRECT_CASES(Q4_1) }
+                else { DIRECT_CASES(Q8_0) }
+            }
         }
     }
 }
