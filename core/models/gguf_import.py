@@ -1,7 +1,8 @@
 """Convert a GGUF file once into a cached Hugging Face-style folder.
 
-The engine's model reads only HF-named safetensors, so a GGUF is dequantized (to float32) and
-cached under `<cache>/gguf/<stem>-<hash>/`. Later runs find the folder by the file's size and
+The engine's model reads HF-named safetensors, so a GGUF is dequantized (to float32) and cached
+under `<cache>/gguf/<stem>-<hash>/`; its Q4_0 / Q4_1 / Q8_0 weights are also kept there as raw
+blocks (gguf_blocks.BLOCKS_FILE), which CPU decode reads instead of the fp32 copy. Later runs find the folder by the file's size and
 mtime and never parse the GGUF again (parsing plus tokenizer conversion takes ~10 s).
 """
 
