@@ -125,8 +125,8 @@ def _write_quantized_gguf(path: Path, arch: str, kinds: dict[str, str]) -> None:
     import gguf
 
     model = _tiny_model(arch)
-    f32 = tmp = path.with_suffix(".f32.gguf")
-    _write_gguf(tmp, arch, model)
+    f32 = path.with_suffix(".f32.gguf")
+    _write_gguf(f32, arch, model)
     reader = gguf.GGUFReader(f32)
     writer = gguf.GGUFWriter(str(path), arch)
     for field in reader.fields.values():

@@ -25,16 +25,14 @@ from torch import nn
 
 from llmconsole.kernels import cpu_blocks
 
+from .llama import MERGED_PARTS, Linear
+
 BLOCKS_FILE = "gguf-blocks/blocks.safetensors"
 # Rows (tokens in a product) that take the blocks: measured faster than fp32 (MKL's packed GEMM
 # included) from 1 to 64 rows on the 2-core box, level at 128; prefill-sized products keep fp32.
 ROWS = range(1, 97)
 _ENV = "LLMCONSOLE_CPU_GGUF_BLOCKS"
 _GGUF_KINDS = {"Q4_0": "q4_0", "Q4_1": "q4_1", "Q8_0": "q8_0"}
-_MERGED = {
-    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
-    "gate_up_proj": ("gate_proj", "up_proj"),
-}
 log = logging.getLogger("llmconsole")
 
 
@@ -117,16 +115,10 @@ def _targets(model: nn.Module) -> Iterator[_Target]:
     def installer(module: nn.Module, attr: str) -> Callable[[BlockWeight], None]:
         return lambda blocks: setattr(module, attr, blocks)
 
-    for i, layer in enumerate(model.layers):  # type: ignore[union-attr]
-        for part, owner, proj in (
-            ("self_attn", layer.self_attn, "qkv_proj"),
-            ("self_attn", layer.self_attn, "o_proj"),
-            ("mlp", layer.mlp, "gate_up_proj"),
-            ("mlp", layer.mlp, "down_proj"),
-        ):
-            linear = getattr(owner, proj)
-            name = f"model.layers.{i}.{part}.{proj}.weight"
-            yield _Target(name, linear.weight, linear.bias, installer(linear, "blocks"))
+    for name, module in model.named_modules():
+        if isinstance(module, Linear) and name != "lm_head":  # the head goes through the model
+            hf_name = f"model.{name}.weight"
+            yield _Target(hf_name, module.weight, module.bias, installer(module, "blocks"))
     tied = model.config.tie_word_embeddings  # type: ignore[union-attr]
     name = "model.embed_tokens.weight" if tied else "lm_head.weight"
     yield _Target(name, model.lm_head_weight, None, installer(model, "lm_head_blocks"))  # type: ignore[arg-type]
@@ -139,9 +131,9 @@ def _blocks_for(
     when every part is stored and all share one kind."""
     prefix, _, rest = name.rpartition(".")  # "...self_attn.qkv_proj", "weight"
     owner, _, proj = prefix.rpartition(".")
-    if proj not in _MERGED:
+    if proj not in MERGED_PARTS:
         return stored.get(name)
-    parts = [stored.get(f"{owner}.{p}.{rest}") for p in _MERGED[proj]]
+    parts = [stored.get(f"{owner}.{p}.{rest}") for p in MERGED_PARTS[proj]]
     if any(p is None for p in parts) or len({p[0] for p in parts if p}) != 1:
         return None
     return parts[0][0], torch.cat([p[1] for p in parts if p])  # type: ignore[index]

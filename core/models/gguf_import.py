@@ -2,8 +2,9 @@
 
 The engine's model reads HF-named safetensors, so a GGUF is dequantized (to float32) and cached
 under `<cache>/gguf/<stem>-<hash>/`; its Q4_0 / Q4_1 / Q8_0 weights are also kept there as raw
-blocks (gguf_blocks.BLOCKS_FILE), which CPU decode reads instead of the fp32 copy. Later runs find the folder by the file's size and
-mtime and never parse the GGUF again (parsing plus tokenizer conversion takes ~10 s).
+blocks (gguf_blocks.BLOCKS_FILE), which CPU decode reads instead of the fp32 copy. Later runs
+find the folder by the file's size and mtime and never parse the GGUF again (parsing plus
+tokenizer conversion takes ~10 s).
 """
 
 from __future__ import annotations
@@ -171,9 +172,15 @@ def unpermute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, head_dim // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape)
 
 
+def _hf_rows(gguf_name: str, rows: np.ndarray, config: Any, permute_qk: bool) -> np.ndarray:
+    """A weight's rows (fp32 values or raw blocks) in HF order: llama.cpp permutes Q's and K's."""
+    heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
+    n_head = heads.get(gguf_name.split(".")[-2]) if permute_qk else None
+    return unpermute_rope_rows(rows, n_head) if n_head else rows
+
+
 def _weight_entries(tensors: dict[str, Any], config: Any, permute_qk: bool) -> list[LazyTensor]:
     """Name, HF shape and a lazy loader per tensor, so only one is dequantized at a time."""
-    heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
     entries: list[LazyTensor] = []
     for gguf_name, tensor in tensors.items():
         name = hf_tensor_name(gguf_name)
@@ -181,12 +188,9 @@ def _weight_entries(tensors: dict[str, Any], config: Any, permute_qk: bool) -> l
             if gguf_name in _CONFIG_ONLY:
                 continue
             raise UnsupportedModelError(f"GGUF tensor {gguf_name!r} has no known HF counterpart")
-        kind = gguf_name.split(".")[-2]
-        n_head = heads.get(kind) if permute_qk else None
 
-        def load(t: Any = tensor, n: int | None = n_head) -> np.ndarray:
-            w = dequantize_tensor(t)
-            return unpermute_rope_rows(w, n) if n else w
+        def load(t: Any = tensor, n: str = gguf_name) -> np.ndarray:
+            return _hf_rows(n, dequantize_tensor(t), config, permute_qk)
 
         shape = tuple(int(d) for d in reversed(tensor.shape))
         entries.append((name, shape, load))
@@ -198,16 +202,14 @@ def _block_rows(
 ) -> dict[str, tuple[str, np.ndarray]]:
     """HF name -> (kind, raw block rows [N, row_bytes]) for every 2-D weight in a block type the
     CPU kernel reads; Q/K rows un-permuted exactly as their fp32 copies are."""
-    heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
     rows: dict[str, tuple[str, np.ndarray]] = {}
     for gguf_name, tensor in tensors.items():
         kind = gguf_kind(tensor.tensor_type.name)
         name = hf_tensor_name(gguf_name)
         if kind is None or name is None or len(tensor.shape) != 2:
             continue
-        n_head = heads.get(gguf_name.split(".")[-2]) if permute_qk else None
         data = np.asarray(tensor.data)  # [N, row_bytes] uint8
-        rows[name] = (kind, unpermute_rope_rows(data, n_head) if n_head else data)
+        rows[name] = (kind, _hf_rows(gguf_name, data, config, permute_qk))
     return rows
 
 

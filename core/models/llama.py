@@ -30,6 +30,11 @@ if TYPE_CHECKING:
     from .gguf_blocks import BlockWeight
 
 _ADOPT_ENV = "LLMCONSOLE_ADOPT_WEIGHTS"  # "0": copy every weight (A/B runs)
+# Merged projections and the checkpoint's parts they hold, in row order
+MERGED_PARTS = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "gate_up_proj": ("gate_proj", "up_proj"),
+}
 
 
 @dataclass(frozen=True)
@@ -513,13 +518,14 @@ def load_hf_weights(
     parameter must be filled: a missing or misshapen tensor raises naming it."""
     c = config
     params = dict(module.named_parameters())
-    merged = {
-        "q_proj": ("qkv_proj", 0, c.q_size),
-        "k_proj": ("qkv_proj", c.q_size, c.kv_size),
-        "v_proj": ("qkv_proj", c.q_size + c.kv_size, c.kv_size),
-        "gate_proj": ("gate_up_proj", 0, c.intermediate_size),
-        "up_proj": ("gate_up_proj", c.intermediate_size, c.intermediate_size),
-    }
+    sizes = {"q_proj": c.q_size, "k_proj": c.kv_size, "v_proj": c.kv_size,
+             "gate_proj": c.intermediate_size, "up_proj": c.intermediate_size}  # fmt: skip
+    merged: dict[str, tuple[str, int, int]] = {}  # part -> (merged projection, row offset, rows)
+    for fused, parts in MERGED_PARTS.items():
+        offset = 0
+        for part in parts:
+            merged[part] = (fused, offset, sizes[part])
+            offset += sizes[part]
     loaded: set[str] = set()
     adopt = os.environ.get(_ADOPT_ENV, "1") != "0"
     for hf_name, tensor in weights:
