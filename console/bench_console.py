@@ -160,6 +160,7 @@ def register_console_bench(bench_app: typer.Typer, engine_flags: Any, start_engi
                 run_headless(engine, server.url, warm)
                 for index in range(rounds):
                     for mode in round_order(index):
+                        engine.flush_cache()  # both modes start cold
                         started = time.perf_counter()
                         if mode == "headless":
                             tok_s, outcome = run_headless(engine, server.url, settings)

@@ -60,6 +60,8 @@ def runs_table(runs: Sequence[tuple[str, RunStats]]) -> Table:
     metrics: list[tuple[str, Callable[[RunStats], str]]] = [
         ("requests", lambda r: str(r.num_prompts)),
         ("input tokens", lambda r: f"{r.input_tokens:,}"),
+        # prompt tokens read from the prefix cache (transformers computes every one)
+        ("cached tokens", lambda r: f"{r.cached_tokens:,}" if r.system == "llmconsole" else "-"),
         ("output tokens", lambda r: f"{r.output_tokens:,}"),
         ("wall time (s)", lambda r: _fmt(r.seconds, 2)),
         ("output tok/s", lambda r: _fmt(r.output_tok_s)),

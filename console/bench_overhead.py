@@ -61,6 +61,7 @@ def register_overhead(bench_app: typer.Typer, engine_flags: Any, start_engine: A
             records = RunRecords(engine)
             with ApiServer(engine, host="127.0.0.1", port=0) as server:
                 for _ in range(rounds):
+                    engine.flush_cache()  # as run_ours does: both paths start cold
                     http = _http_run(server.url, num_prompts, concurrency, max_tokens)
                     warm_up(engine, records, prompts[0])
                     offline = run_ours(engine, records, prompts, max_tokens, concurrency)

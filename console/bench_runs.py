@@ -199,6 +199,7 @@ def run_ours(
     usage: list[Any] = []
     failures: list[str] = []
 
+    engine.flush_cache()  # every run starts cold: prompts cached by an earlier run are not reused
     with progress_bar() as bar:
         task = bar.add_task(f"llmconsole c={concurrency}", total=len(prompts) * max_tokens)
         started = time.perf_counter()

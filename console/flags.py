@@ -66,7 +66,12 @@ FLAGS: tuple[Flag, ...] = (
         "(auto: on with CUDA; off = SGLang's --disable-overlap-schedule)",
         "auto",
     ),
-    Flag("disable_radix_cache", bool, "no prefix cache", True),
+    Flag(
+        "disable_radix_cache",
+        bool,
+        "no radix prefix cache (also off with draft/eagle speculation)",
+        False,
+    ),
     Flag("speculative_algorithm", str, "|".join(SPECULATIVE_ALGORITHMS), "none"),
     Flag("speculative_draft_model_path", str, "draft model (draft) or head folder (eagle/eagle3)"),
     Flag("speculative_num_steps", int, "draft steps per verify"),

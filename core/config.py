@@ -68,7 +68,7 @@ class EngineConfig:
     # scheduling
     max_running_requests: int | None = None
     chunked_prefill_size: int | None = None  # -1 disables chunking
-    disable_radix_cache: bool = True
+    disable_radix_cache: bool = False  # SGLang's default: the radix prefix cache is on
     # GPU execution
     attention_backend: str = "auto"
     cuda_graph_max_bs: int | None = None
@@ -90,6 +90,13 @@ class EngineConfig:
     # telemetry
     telemetry_capacity: int = 65536
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def prefix_cache(self) -> bool:
+        """Whether the radix prefix cache is used: not disabled, and no drafter that keeps its
+        own KV or features per request (draft, eagle, eagle3), which a cached prefix would lack.
+        ngram drafts from the tokens alone."""
+        return not self.disable_radix_cache and self.speculative_algorithm in ("none", "ngram")
 
     def __post_init__(self) -> None:
         alg = (self.speculative_algorithm or "none").lower()

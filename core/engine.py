@@ -26,6 +26,7 @@ from .kv_cache import KVPool, PageAllocator
 from .model_loader import LoadedModel, Progress, gpu_memory_gb, load_model, pick_device
 from .outputs import Delta, GenerationResult, RequestHandle
 from .pool_sizing import kv_pool_spec
+from .prefix_cache import PrefixCache
 from .request import FinishReason, Request, RequestState
 from .restart import RestartPlan, plan_restart
 from .runner import ModelRunner, PendingStep, StepOutput, VerifyOutput
@@ -76,6 +77,11 @@ class _Abort:
 @dataclass(frozen=True)
 class _Shutdown:
     pass
+
+
+@dataclass(frozen=True)
+class _FlushCache:
+    done: Future[int]
 
 
 Prompt = str | Sequence[int]
@@ -149,6 +155,7 @@ class Engine(StepResultsMixin, HotRestartMixin):
             {
                 "load_seconds": round(self.loaded.load_seconds, 3),
                 "weights": self.loaded.weight_format,
+                "prefix_cache": self.config.prefix_cache,
             },
         )
 
@@ -168,8 +175,13 @@ class Engine(StepResultsMixin, HotRestartMixin):
         spec = kv_pool_spec(cfg, loaded, extra)
         self.pool = KVPool(spec, loaded.device)
         self.allocator = PageAllocator(spec.num_pages)
+        cache = PrefixCache(self.allocator, spec.page_size) if cfg.prefix_cache else None
         self.scheduler = Scheduler(
-            self.allocator, spec.page_size, cfg.max_running_requests, cfg.chunked_prefill_size
+            self.allocator,
+            spec.page_size,
+            cfg.max_running_requests,
+            cfg.chunked_prefill_size,
+            cache,
         )
         self._build_runner()
 
@@ -308,6 +320,15 @@ class Engine(StepResultsMixin, HotRestartMixin):
     def abort(self, rid: str) -> None:
         self._inbox.put(_Abort(rid))
 
+    def flush_cache(self, timeout: float = 30.0) -> int:
+        """Free every prefix-cache page that no running request reads (SGLang's /flush_cache);
+        returns how many pages that freed. Benchmarks call it so that each run starts cold."""
+        if self._stopped.is_set():
+            raise EngineStoppedError("the engine has shut down")
+        done: Future[int] = Future()
+        self._inbox.put(_FlushCache(done))
+        return done.result(timeout)
+
     def subscribe(self) -> Subscription:
         return self.telemetry.subscribe()
 
@@ -395,8 +416,9 @@ class Engine(StepResultsMixin, HotRestartMixin):
         return {
             "running": len(self.scheduler.running),
             "queued": len(self.scheduler.waiting),
-            "kv_pages_used": self.allocator.num_used,
+            "kv_pages_used": self.scheduler.pages_in_use,
             "kv_pages_total": self.allocator.num_usable,
+            "kv_pages_cached": self.scheduler.pages_cached,
             "page_size": self.pool.page_size,
         }
 
@@ -510,7 +532,7 @@ class Engine(StepResultsMixin, HotRestartMixin):
                 command.handle.put(
                     Delta(command.req.rid, "", (), (), True, "abort", "the engine shut down")
                 )
-            elif isinstance(command, RestartCommand):
+            elif isinstance(command, RestartCommand | _FlushCache):
                 command.done.set_exception(EngineStoppedError("the engine has shut down"))
         self._publish_live()
         self._event("shutdown", "engine stopped")
@@ -615,6 +637,8 @@ class Engine(StepResultsMixin, HotRestartMixin):
                     self._finish(req, FinishReason.ABORT, None)
             elif isinstance(command, RestartCommand):
                 self._apply_restart(command)
+            elif isinstance(command, _FlushCache):
+                command.done.set_result(self.scheduler.flush_cache())
             try:
                 command = self._inbox.get_nowait()
             except queue.Empty:

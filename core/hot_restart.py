@@ -174,6 +174,8 @@ class HotRestartMixin:
         self.runner.release()
         try:
             self.config = plan.new
+            if plan.new.prefix_cache:
+                self.scheduler.start_prefix_cache()
             self._build_runner()
             misfits = [m for m in map(self._misfit, self.scheduler.requests()) if m is not None]
             if misfits:
@@ -184,6 +186,8 @@ class HotRestartMixin:
         except Exception:
             self.runner.release()
             self.config = plan.old
+            if not plan.old.prefix_cache:
+                self.scheduler.stop_prefix_cache()
             self._build_runner()
             self.scheduler.set_limits(plan.old.max_running_requests, plan.old.chunked_prefill_size)
             self.runner.adopt(self.scheduler.running)

@@ -44,7 +44,11 @@ class Request:
     first_token_time: float | None = None
     finish_time: float | None = None
     num_retractions: int = 0
-    num_cached_tokens: int = 0  # prompt tokens served from a prefix cache (none yet)
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (first admission)
+    # The prefix cache's pages this request reads (the first `num_shared_pages` of `pages`) and
+    # the locked node they end in; the rest of `pages` are its own.
+    num_shared_pages: int = 0
+    prefix_node: Any = None  # prefix_cache.Node while it holds a lock
     accepted_draft_tokens: int = 0  # speculative drafts the target accepted
     draft_computed: int = 0  # positions whose drafter KV is valid (draft model, EAGLE head)
     # EAGLE: the target's features of positions [draft_computed, draft_computed + rows)

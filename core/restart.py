@@ -37,6 +37,7 @@ REBUILD_FIELDS = frozenset(
         "speculative_num_steps",
         "speculative_eagle_topk",
         "speculative_num_draft_tokens",
+        "disable_radix_cache",
     }
 )
 RELOAD_FIELDS = frozenset({"model", "tokenizer_path", "load_format", "dtype", "seed"})
@@ -54,7 +55,6 @@ FIXED_REASONS = {
     "port": "the API's address is fixed while it runs",
     "api_key": "the API key is fixed while the API runs",
     "telemetry_capacity": "the telemetry ring is sized once per session",
-    "disable_radix_cache": "this engine has no prefix cache to turn on",
 }
 
 
@@ -72,8 +72,13 @@ class RestartPlan:
         new_draft = self.new.speculative_algorithm in ("draft", "eagle", "eagle3") and bool(
             {"speculative_algorithm", "speculative_draft_model_path"} & set(self.changes)
         )
+        # Requests may read the prefix cache's pages: turning it off starts a new pool (turning
+        # it on starts an empty cache beside the requests' own pages).
         return (
-            self.mode != "reload" and not new_draft and not (set(self.changes) & KV_LAYOUT_FIELDS)
+            self.mode != "reload"
+            and not new_draft
+            and not (set(self.changes) & KV_LAYOUT_FIELDS)
+            and not (self.old.prefix_cache and not self.new.prefix_cache)
         )
 
     def describe(self) -> str:

@@ -320,11 +320,17 @@ class ModelRunner:
         logit_rows: list[int] = []
         sample_rows: list[int] = []  # index into logit_rows
         prompt_rows: list[tuple[int, int, int] | None] = []  # (first logit row, first pos, n)
+        # slot-table entries (row, position, slot) of prefixes found in the prefix cache
+        cached: tuple[list[int], list[int], list[int]] = ([], [], [])
         for chunk in batch.chunks:
             req = chunk.req
             first_row = len(input_ids)
             row = self.slots.row(req)
             rows.append(row)
+            if chunk.cached:
+                cached[0].extend([row] * chunk.cached)
+                cached[1].extend(range(chunk.cached))
+                cached[2].extend(slots_for_positions(req.pages, 0, chunk.cached, page_size))
             token_rows.extend([row] * chunk.length)
             input_ids.extend([0] if chunk.ahead else req.token_ids(chunk.start, chunk.end))
             positions.extend(range(chunk.start, chunk.end))
@@ -351,6 +357,9 @@ class ModelRunner:
         )
         if device_ids is not None:  # a decode step scheduled ahead: one input id per chunk
             ids_d = device_ids
+        if cached[0]:  # one more queued copy, before the step's own tokens' slots
+            entries = int64_to_device([*cached[0], *cached[1], *cached[2]], self.device)
+            self.slots.write(*entries.view(3, -1))
         self.slots.write(token_rows_d, pos_d, write_d)
         max_kv = max(c.end for c in batch.chunks)
         kv_slots = self.slots.table[:, :max_kv].index_select(0, rows_d)  # [B, max_kv]

@@ -2,7 +2,10 @@
 
 Pure policy over `Request` objects and a `PageAllocator`: no model, no tensors, so it is tested
 on its own. Like SGLang, a step is either a prefill batch (new or chunked requests, prefill has
-priority) or a decode batch (every running request that has finished its prefill).
+priority) or a decode batch (every running request that has finished its prefill). With a
+`PrefixCache`, an admitted request starts after the longest cached prefix of its tokens, finished
+requests leave their KV in the cache, and the cache's unlocked pages count as free: they are
+evicted (least recently used first) when pages run short.
 """
 
 from __future__ import annotations
@@ -12,19 +15,29 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from .kv_cache import PageAllocator, pages_needed
+from .prefix_cache import PrefixCache
 from .request import Request, RequestState
+
+# A queued request that shares at least this many uncached tokens with one admitted in the same
+# step waits one step, then reads that prefix from the cache instead of computing it again. A
+# chat template's system prompt, the common case, is ~20-30 tokens (SmolLM2's 24, Llama 3.1's
+# ~25), so SGLang's 32 would miss it; deferring costs the request one (smaller) prefill step.
+SHARE_MIN_TOKENS = 16
 
 
 @dataclass(frozen=True)
 class Chunk:
     """Process the tokens [start, end) of `req`; sample a new token when that reaches its end.
     `ahead`: scheduled while the step that samples the token at `start` is still in flight
-    (overlap schedule), so that token is not in `req` yet and comes from the device."""
+    (overlap schedule), so that token is not in `req` yet and comes from the device.
+    `cached`: on the request's first step after admission, the positions [0, cached) it found
+    in the prefix cache (start == cached); the step writes their slots into its slot-table row."""
 
     req: Request
     start: int
     end: int
     ahead: bool = False
+    cached: int = 0
     samples: bool = field(init=False)  # fixed when scheduled; the request grows afterwards
 
     def __post_init__(self) -> None:
@@ -65,19 +78,48 @@ class Scheduler:
         page_size: int,
         max_running_requests: int,
         chunked_prefill_size: int,
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         self.allocator = allocator
+        self.prefix_cache = prefix_cache
         self.page_size = page_size
         self.max_running_requests = max_running_requests
         self.prefill_budget = _prefill_budget(chunked_prefill_size)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self._prefilled: list[Request] = []  # the last prefill step's requests, to share
 
     # ---- bookkeeping -----------------------------------------------------------------------
 
     @property
     def capacity_tokens(self) -> int:
         return self.allocator.num_usable * self.page_size
+
+    @property
+    def pages_in_use(self) -> int:
+        """Pages running requests hold (their own and the cached prefixes they read); the
+        cache's other pages are reclaimable, so they count as free."""
+        cache = self.prefix_cache
+        return self.allocator.num_used - (cache.evictable_pages if cache is not None else 0)
+
+    @property
+    def pages_cached(self) -> int:
+        return self.prefix_cache.num_pages if self.prefix_cache is not None else 0
+
+    def start_prefix_cache(self) -> None:
+        """Cache from now on (a hot restart turned the cache on over the same pool)."""
+        if self.prefix_cache is None:
+            self.prefix_cache = PrefixCache(self.allocator, self.page_size)
+
+    def stop_prefix_cache(self) -> None:
+        """Undo `start_prefix_cache` while nothing has been cached yet (a failed restart)."""
+        if self.prefix_cache is not None:
+            assert self.prefix_cache.num_pages == 0, "stopping a prefix cache that holds pages"
+            self.prefix_cache = None
+
+    def flush_cache(self) -> int:
+        """Free every cached page no running request reads; returns how many."""
+        return self.prefix_cache.flush() if self.prefix_cache is not None else 0
 
     def add(self, req: Request) -> None:
         req.state = RequestState.WAITING
@@ -90,31 +132,107 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.running or self.waiting)
 
-    def finish(self, req: Request) -> None:
-        """Drop a finished request from the running set and free its pages."""
+    def finish(self, req: Request, cache: bool = True) -> None:
+        """Drop a finished request from the running set and free its pages; with a prefix
+        cache, the KV it computed stays there (`cache=False`: a request whose KV may be wrong,
+        after a failed step, is not cached)."""
         if req in self.running:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
-        self._release(req)
+        self._release(req, cache)
         req.state = RequestState.FINISHED
 
-    def _release(self, req: Request) -> None:
-        self.allocator.free(req.pages)
+    def _release(self, req: Request, cache: bool) -> None:
+        tree = self.prefix_cache
+        own = req.pages[req.num_shared_pages :]
+        if tree is not None and cache and req.num_computed >= self.page_size:
+            full = req.num_computed // self.page_size  # pages whose every position is computed
+            tree.insert(req.token_ids(0, full * self.page_size), req.pages[:full])
+            own = req.pages[full:]
+        if req.prefix_node is not None:
+            assert tree is not None
+            tree.unlock(req.prefix_node)
+        self.allocator.free(own)
         req.pages = []
+        req.num_shared_pages = 0
+        req.prefix_node = None
         req.num_computed = 0
         req.draft_computed = 0
         req.draft_features = None
+
+    def _available(self) -> int:
+        """Pages an allocation can get: free ones and the cache's evictable ones."""
+        cache = self.prefix_cache
+        return self.allocator.num_free + (cache.evictable_pages if cache is not None else 0)
 
     def _grow(self, req: Request, num_tokens: int) -> bool:
         """Give `req` pages for its first `num_tokens` tokens, if the pool has them."""
         extra = pages_needed(num_tokens, self.page_size) - len(req.pages)
         if extra <= 0:
             return True
-        if not self.allocator.can_alloc(extra):
+        if extra > self._available():
             return False
+        short = extra - self.allocator.num_free
+        if short > 0:
+            assert self.prefix_cache is not None
+            self.prefix_cache.evict(short)
         req.pages.extend(self.allocator.alloc(extra))
         return True
+
+    def _match(self, req: Request) -> int:
+        """Give a request being admitted the cached pages of its longest cached prefix (locked)
+        and return that prefix's length; at least its last token is left to compute, whose
+        logits it samples from. Requests that want prompt logprobs compute every position."""
+        tree = self.prefix_cache
+        if tree is None or req.params.prompt_logprobs is not None:
+            return 0
+        pages, node = tree.match(req.token_ids(0, req.num_tokens - 1))
+        if pages:
+            tree.lock(node)
+            req.prefix_node = node
+            req.pages = pages
+            req.num_shared_pages = len(pages)
+        return len(pages) * self.page_size
+
+    def _shares_with(self, req: Request, cached: int, admitted: list[Chunk]) -> bool:
+        """Whether `req`'s next SHARE_MIN_TOKENS tokens past its cached prefix (whole pages,
+        before its last token) are ones a request admitted in this step computes."""
+        if self.prefix_cache is None or not admitted:
+            return False
+        span = pages_needed(SHARE_MIN_TOKENS, self.page_size) * self.page_size
+        stop = cached + span
+        if stop > req.num_tokens - 1:
+            return False
+        mine = req.token_ids(cached, stop)
+        return any(c.end >= stop and c.req.token_ids(cached, stop) == mine for c in admitted)
+
+    def _share(self, req: Request) -> None:
+        """Put the KV a running request's prefill computed in the cache (SGLang's
+        cache_unfinished_req), so requests admitted while it runs read it too; the request
+        then reads those pages from the cache, under a lock. Skipped when the cache already
+        holds more of its tokens than it reads from there (two requests computed the same
+        tokens in one step): its own pages are cached when it finishes."""
+        tree = self.prefix_cache
+        full = req.num_computed // self.page_size
+        if tree is None or req.state is not RequestState.RUNNING or full <= req.num_shared_pages:
+            return
+        tokens = req.token_ids(0, full * self.page_size)
+        pages, _ = tree.match(tokens)
+        if len(pages) != req.num_shared_pages:
+            return
+        node = tree.insert(tokens, req.pages[:full])
+        tree.lock(node)
+        if req.prefix_node is not None:
+            tree.unlock(req.prefix_node)
+        req.prefix_node, req.num_shared_pages = node, full
+
+    def _unmatch(self, req: Request) -> None:
+        """Undo `_match` for a request that stays in the queue."""
+        if req.prefix_node is not None:
+            assert self.prefix_cache is not None
+            self.prefix_cache.unlock(req.prefix_node)
+        req.pages, req.num_shared_pages, req.prefix_node = [], 0, None
 
     def reserve(self, req: Request, num_tokens: int) -> bool:
         """Pages for `req`'s first `num_tokens` positions (a verify pass writes its drafts'
@@ -131,7 +249,7 @@ class Scheduler:
     def _retract_newest(self) -> Request:
         victim = max(self.running, key=lambda r: r.arrival_time)
         self.running.remove(victim)
-        self._release(victim)
+        self._release(victim, cache=True)  # its KV may still be there when it is readmitted
         victim.state = RequestState.WAITING
         victim.num_retractions += 1
         # Back to the head of the queue, keeping arrival order among retracted requests.
@@ -151,7 +269,7 @@ class Scheduler:
         parked = sorted(self.running, key=lambda r: r.arrival_time)
         self.running = []
         for req in parked:
-            self._release(req)
+            self._release(req, cache=False)
             req.state = RequestState.WAITING
         self.waiting.extendleft(reversed(parked))
         return parked
@@ -169,10 +287,15 @@ class Scheduler:
     # ---- policy ----------------------------------------------------------------------------
 
     def schedule(self) -> ScheduledBatch | None:
+        for req in self._prefilled:
+            self._share(req)
+        self._prefilled = []
         retracted: list[Request] = []
         while True:
             batch = self._schedule_prefill() or self._schedule_decode(retracted)
             if batch is not None:
+                if batch.kind == "prefill" and self.prefix_cache is not None:
+                    self._prefilled = [c.req for c in batch.chunks]
                 return ScheduledBatch(batch.kind, batch.chunks, tuple(retracted))
             if not self.running:
                 return None
@@ -194,18 +317,32 @@ class Scheduler:
         # Keep one page per decoding request in reserve so admission does not force an
         # immediate retraction on the next decode step.
         reserve = sum(1 for r in self.running if not r.in_prefill)
-        while self.waiting and budget > 0 and len(self.running) < self.max_running_requests:
-            req = self.waiting[0]
-            end = min(req.num_tokens, budget)
-            need = pages_needed(end, self.page_size)
-            if need + reserve > self.allocator.num_free:
+        admitted: list[Chunk] = []  # this step's new requests, for in-batch prefix sharing
+        i = 0
+        while i < len(self.waiting) and budget > 0:
+            if len(self.running) >= self.max_running_requests:
                 break
-            self.waiting.popleft()
+            req = self.waiting[i]
+            cached = self._match(req)  # locked first: its own prefix is not evictable
+            if self._shares_with(req, cached, admitted):
+                self._unmatch(req)
+                i += 1  # waits for the next step, keeping its place in the queue
+                continue
+            end = min(req.num_tokens, cached + budget)
+            need = pages_needed(end, self.page_size) - len(req.pages)
+            if need + reserve > self._available():
+                self._unmatch(req)
+                break
+            del self.waiting[i]
             self._grow(req, end)
             req.state = RequestState.RUNNING
+            req.num_computed = cached
+            if req.num_retractions == 0:
+                req.num_cached_tokens = min(cached, req.num_prompt_tokens)
             self.running.append(req)
-            chunks.append(Chunk(req, 0, end))
-            budget -= end
+            chunks.append(Chunk(req, cached, end, cached=cached))
+            admitted.append(chunks[-1])
+            budget -= end - cached
         return ScheduledBatch("prefill", tuple(chunks)) if chunks else None
 
     def _schedule_decode(self, retracted: list[Request]) -> ScheduledBatch | None:
@@ -216,7 +353,7 @@ class Scheduler:
             extra = sum(
                 max(0, pages_needed(r.num_tokens, self.page_size) - len(r.pages)) for r in decoding
             )
-            if extra <= self.allocator.num_free:
+            if extra <= self._available():
                 break
             retracted.append(self._retract_newest())
         for req in decoding:
@@ -248,9 +385,21 @@ class Scheduler:
         return ScheduledBatch("decode", tuple(chunks)) if chunks else None
 
     def check_integrity(self) -> None:
-        self.allocator.check_integrity(r.pages for r in self.requests())
+        tree = self.prefix_cache
+        owned = [r.pages[r.num_shared_pages :] for r in self.requests()]
+        if tree is not None:
+            tree.check_integrity()
+            owned.extend(tree.owned_pages())
+            for req in self.running:
+                if req.prefix_node is not None:
+                    shared = req.pages[: req.num_shared_pages]
+                    assert tree.pages_to(req.prefix_node) == shared, (
+                        f"request {req.rid} reads pages the cache no longer holds for it"
+                    )
+        self.allocator.check_integrity(owned)
         for req in self.waiting:
             assert not req.pages, f"queued request {req.rid} holds pages"
+            assert req.prefix_node is None, f"queued request {req.rid} holds a cache lock"
         assert len(self.running) <= self.max_running_requests
 
 

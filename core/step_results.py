@@ -122,7 +122,8 @@ class StepResultsMixin:
         logprobs: tuple[Any, ...] = (),
         prompt_logprobs: tuple[Any, ...] | None = None,
     ) -> None:
-        self.scheduler.finish(req)
+        # A request that failed may hold KV of a step that broke off: it is not cached.
+        self.scheduler.finish(req, cache=reason is not FinishReason.ERROR)
         self._requests.pop(req.rid, None)
         req.finish_reason = reason
         req.error = error
@@ -189,7 +190,7 @@ class StepResultsMixin:
                 duration_s=duration,
                 queue_len=len(self.scheduler.waiting),
                 running=len(self.scheduler.running),
-                kv_pages_used=self.allocator.num_used,
+                kv_pages_used=self.scheduler.pages_in_use,
                 kv_pages_total=self.allocator.num_usable,
                 drafted_tokens=drafted,
                 accepted_tokens=sum(accepted),

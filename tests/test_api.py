@@ -313,6 +313,24 @@ def test_engine_endpoint_describes_state(server, engine) -> None:
     assert info["counters"]["finished_requests"] >= 1
 
 
+def test_usage_reports_cached_prompt_tokens_and_flush_cache_drops_them(
+    server, client, engine
+) -> None:
+    httpx.post(server.url + "/flush_cache", timeout=30).raise_for_status()
+    first = chat_text(client, engine, max_tokens=4, temperature=0)
+    again = chat_text(client, engine, max_tokens=4, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    # The whole prompt but its last token, which is computed to sample from.
+    assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1
+    assert again.choices[0].message.content == first.choices[0].message.content
+    wait_idle(engine)
+    flushed = httpx.post(server.url + "/flush_cache", timeout=30).json()
+    assert flushed["freed_pages"] >= first.usage.prompt_tokens and flushed["page_size"] == 1
+    assert httpx.get(server.url + "/flush_cache", timeout=30).json()["freed_pages"] == 0
+    third = chat_text(client, engine, max_tokens=4, temperature=0)
+    assert third.usage.prompt_tokens_details.cached_tokens == 0
+
+
 def test_api_key_is_enforced(engine) -> None:
     with ApiServer(engine, port=0, api_key="s3cret") as srv:
         bad = openai.OpenAI(base_url=srv.url + "/v1", api_key="wrong", max_retries=0)
@@ -320,6 +338,7 @@ def test_api_key_is_enforced(engine) -> None:
             bad.models.list()
         resp = httpx.get(srv.url + "/v1/models")
         _assert_error(resp, 401, "API key")
+        _assert_error(httpx.post(srv.url + "/flush_cache"), 401, "API key")
         good = openai.OpenAI(base_url=srv.url + "/v1", api_key="s3cret", max_retries=0)
         assert good.models.list().data
         assert httpx.get(srv.url + "/health").status_code == 200  # health stays open

@@ -370,3 +370,41 @@ def test_gpu_flashinfer_replay_equals_eager_logits(flashinfer_engine: object, ba
     assert graph_logits.shape == eager_logits.shape == (batch, 512)
     assert _rel_err(graph_logits, eager_logits) < 1e-2
     assert graph_out.cuda_graph == (batch <= 16) and not eager_out.cuda_graph
+
+
+def _shared_prefix_run(path: Path, backend: str, page_size: int, cache: bool) -> list[object]:
+    """Six prompts behind one 300-token prefix, then three of them again."""
+    from llmconsole.core import Engine, SamplingParams
+
+    gen = torch.Generator().manual_seed(5)
+    prefix = torch.randint(0, 512, (300,), generator=gen).tolist()
+    prompts = [prefix + torch.randint(0, 512, (n,), generator=gen).tolist() for n in (3, 40, 90)]
+    prompts += [p[:-1] for p in prompts]
+    params = SamplingParams(**GREEDY)  # type: ignore[arg-type]
+    cfg = _config(
+        path, attention_backend=backend, page_size=page_size, disable_radix_cache=not cache
+    )
+    with Engine(cfg) as engine:
+        out = engine.generate(prompts, params) + engine.generate(prompts[:3], params)
+        engine.check_integrity()
+        assert engine.flush_cache() > 0 if cache else engine.flush_cache() == 0
+    return out
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize(("backend", "page_size"), [("triton", 1), ("flashinfer", 16)])
+def test_gpu_prefix_cache_hits_follow_computed_prefixes(
+    tiny_llama: Path, backend: str, page_size: int
+) -> None:
+    """Prefill over a prefix read from the cache (the extend kernels with a long cached part,
+    whole pages only) gives the greedy tokens of computing it (up to bf16 near-ties)."""
+    want = _shared_prefix_run(tiny_llama, backend, page_size, cache=False)
+    got = _shared_prefix_run(tiny_llama, backend, page_size, cache=True)
+    cached = [r.usage.cached_tokens for r in got]  # type: ignore[attr-defined]
+    aligned = 300 // page_size * page_size
+    assert cached[0] == 0 and all(c >= aligned for c in cached[1:6]), cached
+    assert all(c % page_size == 0 for c in cached)
+    agreement, gaps = _compare_greedy(got, want)
+    assert agreement >= 0.8, f"{backend}: {agreement:.0%} of tokens agree"
+    assert all(gap < NEAR_TIE for gap in gaps), f"parted at clear winners: {gaps}"

@@ -59,6 +59,7 @@ CPU = EngineConfig().resolve("cpu")
         ({"disable_cuda_graph": True, "max_running_requests": 8}, "graphs"),
         ({"max_running_requests": 128}, "rebuild"),  # past the slot table's 64 rows
         ({"page_size": 16}, "rebuild"),
+        ({"disable_radix_cache": True}, "rebuild"),
         ({"max_total_tokens": 4096, "cuda_graph_max_bs": 8}, "rebuild"),
         ({"dtype": "bfloat16"}, "reload"),
         ({"model": "smollm2-135m", "page_size": 4}, "reload"),
@@ -73,8 +74,12 @@ def test_each_flag_costs_what_it_needs(changes: dict, mode: str) -> None:
     [
         ({"cuda_graph_max_bs": 32}, True),
         ({"attention_backend": "triton", "context_length": 4096}, True),
-        ({"speculative_algorithm": "ngram"}, True),
+        ({"speculative_algorithm": "ngram"}, True),  # ngram keeps the prefix cache on too
         ({"page_size": 4}, False),
+        # Requests may read the prefix cache's pages: turning it off means a new pool, and so
+        # does an eagle head (which turns the cache off). Turning it on: below.
+        ({"disable_radix_cache": True}, False),
+        ({"speculative_algorithm": "eagle", "speculative_draft_model_path": "h"}, False),
         ({"dtype": "bfloat16"}, False),
         # A draft model's pool shares the KV budget: a new one means a new target pool too.
         ({"speculative_algorithm": "draft", "speculative_draft_model_path": "m"}, False),
@@ -82,6 +87,12 @@ def test_each_flag_costs_what_it_needs(changes: dict, mode: str) -> None:
 )
 def test_requests_keep_their_kv_unless_its_layout_changes(changes: dict, kept: bool) -> None:
     assert plan_restart(CPU, changes, "cpu", slot_capacity=64).keeps_kv is kept
+
+
+def test_turning_the_prefix_cache_on_keeps_the_kv() -> None:
+    uncached = EngineConfig(disable_radix_cache=True).resolve("cpu")
+    plan = plan_restart(uncached, {"disable_radix_cache": False}, "cpu", slot_capacity=64)
+    assert plan.mode == "rebuild" and plan.keeps_kv
 
 
 def test_a_plan_lists_old_and_new_values_with_cli_names() -> None:
@@ -199,6 +210,27 @@ def test_rebuild_that_keeps_the_kv_layout_keeps_every_request_kv(fresh: Engine, 
     after = [s for s in of_type(records, StepRecord) if s.time > begin.time]
     assert after and all(s.kind == "decode" for s in after)  # nothing re-prefilled
     assert fresh.max_request_tokens == 4096 and fresh.runner.slots.num_rows == 97
+    wait_idle(fresh)
+    fresh.check_integrity()
+
+
+def test_turning_the_prefix_cache_off_and_on_under_load(fresh: Engine, reference) -> None:
+    streams, (threads, finals) = _stream_all(fresh, _prompts(fresh))
+    assert wait_until(lambda: all(len(s) >= 3 for s in streams), 120)
+    assert fresh.stats()["kv_pages_cached"] > 0  # the shared template, at least
+    result = fresh.restart({"disable_radix_cache": True})
+    for t in threads:
+        t.join(120)
+    assert result.mode == "rebuild" and not result.kv_kept and result.resumed_requests == 32
+    assert all(f.error is None for f in finals) and streams == reference
+    assert not fresh.config.prefix_cache and fresh.stats()["kv_pages_cached"] == 0
+    prompt = _prompts(fresh)[0]
+    assert fresh.generate([prompt, prompt], greedy(4))[1].usage.cached_tokens == 0
+    handles = [fresh.submit(p, greedy(8)) for p in _prompts(fresh)[:4]]
+    assert fresh.restart({"disable_radix_cache": False}).kv_kept  # an empty cache beside them
+    assert all(h.result().error is None for h in handles)
+    fresh.generate([prompt], greedy(4))
+    assert fresh.generate([prompt], greedy(4))[0].usage.cached_tokens == len(prompt) - 1
     wait_idle(fresh)
     fresh.check_integrity()
 

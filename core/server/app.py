@@ -66,6 +66,15 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
             raise APIError(504, "the restart is still running", "server_error") from None
         return {**result.to_dict(), "config": engine.describe()["config"]}
 
+    @app.api_route("/flush_cache", methods=["GET", "POST"], dependencies=v1)
+    def flush_cache() -> dict[str, Any]:
+        """SGLang's /flush_cache: drop the prefix cache's pages that no running request reads."""
+        try:
+            freed = engine.flush_cache()
+        except EngineStoppedError as exc:
+            raise APIError(503, str(exc), "server_error", code="engine_stopped") from None
+        return {"freed_pages": freed, "page_size": engine.stats()["page_size"]}
+
     @app.post("/v1/completions", dependencies=v1)
     async def completions(body: CompletionRequest, request: Request) -> Any:
         return await create_completion(body, request, ctx)

@@ -8,7 +8,7 @@ from functools import lru_cache
 from ..engine import Engine, RequestError
 from ..outputs import GenerationResult
 from .errors import APIError
-from .schemas import UsageInfo
+from .schemas import PromptTokensDetails, UsageInfo
 
 
 class ServerContext:
@@ -74,7 +74,11 @@ class ServerContext:
     def usage(results: Sequence[GenerationResult], n: int = 1) -> UsageInfo:
         # The n choices of one prompt share it: its tokens count once, as OpenAI counts them.
         prompt = sum(r.usage.prompt_tokens for r in results[::n] if r.usage)
+        cached = sum(r.usage.cached_tokens for r in results[::n] if r.usage)
         completion = sum(r.usage.completion_tokens for r in results if r.usage)
         return UsageInfo(
-            prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=prompt + completion,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
         )
