@@ -22,11 +22,7 @@
 #include <immintrin.h>
 #endif
 
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef float f32x8 __attribute__((vector_size(32)));
-typedef float f32x4 __attribute__((vector_size(16)));
-typedef uint8_t u8x16 __attribute__((vector_size(16)));
-typedef int32_t i32x16 __attribute__((vector_size(64)));
+#include "cpu_vec.h"
 
 enum { Q4_0 = 0, Q4_1 = 1, Q8_0 = 2 };
 #define QK 32
@@ -89,19 +85,6 @@ static inline __attribute__((always_inline)) void dequant(int kind, const uint8_
         *lo = d * (ql - 8.0f);
         *hi = d * (qh - 8.0f);
     }
-}
-
-static inline float hsum(f32x16 v) {
-    f32x8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-              __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-    f32x4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-    return (b[0] + b[2]) + (b[1] + b[3]);
-}
-
-static inline f32x16 load16(const float *p) {
-    f32x16 v;
-    memcpy(&v, p, 64);
-    return v;
 }
 
 /* Rows n0..n0+nr of y for x rows m0..m0+mr, dequantizing W's blocks on the fly. */

@@ -7,11 +7,12 @@ one row took ~40 ms for the default model's fp32 projections and ~10 ms from its
 kernel dequantizes each block in registers to exactly the fp32 values gguf's reference gives
 and multiplies in fp32, so only the order of the sums differs from a BLAS product.
 
-The source is compiled once per machine with the system C compiler (`$CC`, else cc / gcc /
-clang; -O3 -march=native -fopenmp) into a cache folder the caller names, and loaded with
-ctypes. Built with -fopenmp it uses the OpenMP runtime already in the process (torch's libgomp,
-same soname), so its threads are torch's. Without a compiler, or when the build fails,
-`library()` returns None and `unavailable_reason()` says why; callers keep fp32 weights.
+The sources (this kernel's, `cpu_attention.c` and `cpu_elementwise.c`: one library) are
+compiled once per machine with the system C compiler (`$CC`, else cc / gcc / clang; -O3
+-march=native -fopenmp) into a cache folder the caller names, and loaded with ctypes. Built
+with -fopenmp it uses the OpenMP runtime already in the process (torch's libgomp, same soname),
+so its threads are torch's. Without a compiler, or when the build fails, `library()` returns
+None and `unavailable_reason()` says why; callers keep fp32 weights and torch's attention.
 """
 
 from __future__ import annotations
@@ -32,7 +33,10 @@ import torch
 KINDS = {"q4_0": 0, "q4_1": 1, "q8_0": 2}
 BLOCK_BYTES = {"q4_0": 18, "q4_1": 20, "q8_0": 34}
 BLOCK_WEIGHTS = 32
-_SOURCE = Path(__file__).with_name("cpu_blocks.c")
+_SOURCES = tuple(
+    Path(__file__).with_name(n) for n in ("cpu_blocks.c", "cpu_attention.c", "cpu_elementwise.c")
+)
+_HEADERS = (Path(__file__).with_name("cpu_vec.h"),)
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 _reason: list[str] = []
 _lock = threading.Lock()
@@ -70,7 +74,8 @@ def _load(cache_dir: Path) -> ctypes.CDLL | None:
         try:
             _build(compiler, path)
         except (OSError, subprocess.SubprocessError) as exc:
-            return _fail(f"building {_SOURCE.name} with {compiler} failed: {exc}")
+            names = " + ".join(s.name for s in _SOURCES)
+            return _fail(f"building {names} with {compiler} failed: {exc}")
     try:
         lib = ctypes.CDLL(str(path))
     except OSError as exc:
@@ -80,6 +85,24 @@ def _load(cache_dir: Path) -> ctypes.CDLL | None:
     lib.blocks_matmul.restype = ctypes.c_int
     lib.blocks_dequantize.argtypes = [ctypes.c_int, ptr, long, long, ptr]
     lib.blocks_dequantize.restype = ctypes.c_int
+    lib.decode_attention.argtypes = [
+        *(ptr,) * 6,
+        long,
+        ptr,
+        long,
+        long,
+        long,
+        long,
+        ctypes.c_float,
+        ptr,
+        ctypes.c_int,
+    ]
+    lib.decode_attention.restype = ctypes.c_int
+    fl, i = ctypes.c_float, ctypes.c_int
+    lib.add_rms_norm.argtypes = [ptr, ptr, ptr, long, long, fl, ptr, ptr, i]
+    lib.add_rms_norm.restype = i
+    lib.silu_mul.argtypes = [ptr, long, long, ptr, i]
+    lib.silu_mul.restype = i
     return lib
 
 
@@ -139,7 +162,7 @@ def _compiler() -> str | None:
 
 def _build_key(compiler: str) -> str:
     """What the binary depends on: source, compiler, flags and (for -march=native) the CPU."""
-    digest = hashlib.sha256(_SOURCE.read_bytes())
+    digest = hashlib.sha256(b"".join(s.read_bytes() for s in (*_SOURCES, *_HEADERS)))
     digest.update(f"{compiler}:{os.stat(compiler).st_mtime_ns}:{_FLAGS}".encode())
     digest.update(platform.machine().encode())
     try:
@@ -156,7 +179,7 @@ def _build(compiler: str, path: Path) -> None:
     os.close(fd)
     try:
         done = subprocess.run(
-            [compiler, *_FLAGS, str(_SOURCE), "-o", tmp],
+            [compiler, *_FLAGS, *map(str, _SOURCES), "-o", tmp],
             capture_output=True,
             text=True,
             timeout=120,

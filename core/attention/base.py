@@ -82,6 +82,20 @@ class AttentionBackend(ABC):
     ) -> torch.Tensor:  # [T, H, D]
         ...
 
+    def decode_from_qkv(
+        self,
+        layer_id: int,
+        qkv: torch.Tensor,  # [B, (H + 2 Hkv) * D] the merged projection, contiguous
+        cos: torch.Tensor,  # [B, D] (sin's first half negated: RotaryEmbedding.cos_sin)
+        sin: torch.Tensor,
+        num_heads: int,
+        scale: float,
+    ) -> torch.Tensor | None:  # [B, H, D]
+        """Optional fast path for a decode step of a model without q/k norm: rope, the KV
+        write and attention in one call. None when the backend has none (or not for these
+        shapes); the caller then ropes and calls `forward` as usual."""
+        return None
+
     def release(self) -> None:  # noqa: B027 - optional hook: most backends hold nothing extra
         """Give back memory the backend holds beyond the pool (shutdown or rebuild)."""
 

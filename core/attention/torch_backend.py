@@ -2,8 +2,11 @@
 
 The ragged batch is padded to [B, max_extend] queries and [B, max_kv] keys once per step (in
 `plan`); every layer then does one gather and one SDPA call, never a Python loop over requests.
-On CPU, batched decode reads a per-request contiguous mirror of the KV instead of gathering
-(see kv_mirror); a lone request whose slots are one run reads a view of the pool.
+On CPU with an fp32 pool, a decode step of a model without q/k norm runs one C call per layer
+(`kernels/cpu_attention.c`: rope, KV write, attention over the pool by slot) when the kernel
+library builds. Otherwise batched decode reads a per-request contiguous mirror of the KV
+instead of gathering (see kv_mirror), and a lone request whose slots are one run reads a view
+of the pool.
 """
 
 from __future__ import annotations
@@ -15,12 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from llmconsole.kernels import cpu_attention
+
 from ..kv_cache import KVPool
 from ..transfer import to_device
 from .base import AttentionBackend, AttentionInputs
 from .kv_mirror import DecodeKVMirror, MirrorPlan
 
 _MIRROR_ENV = "LLMCONSOLE_CPU_KV_MIRROR"  # "0": gather from the pool (A/B runs)
+_C_DECODE_ENV = "LLMCONSOLE_CPU_DECODE_ATTENTION"  # "0": torch ops for decode (A/B runs)
 
 # cuDNN's SDPA builds (and caches) an execution plan per sequence length: every decode step has a
 # new KV length, so on CUDA it re-plans every step (~40 ms each on an H100). The other kernels
@@ -54,8 +60,47 @@ class TorchAttention(AttentionBackend):
             raise ValueError("the decode KV mirror is for CPU pools")
         self._mirror = DecodeKVMirror(pool, pool.spec.num_slots) if decode_mirror else None
         self._mirror_plan: MirrorPlan | None = None
+        self._c_lib = _c_decode_library(pool)
+        self._c_decode: tuple[torch.Tensor, torch.Tensor] | None = None  # kv_slots, kv_lens
+        self._deferred: AttentionInputs | None = None  # planned for `forward` on first use
 
     def plan(self, inputs: AttentionInputs) -> None:
+        self._c_decode = self._deferred = None
+        if inputs.is_decode and self._c_lib is not None:
+            # The C path needs nothing more; `forward` (a model with q/k norm) plans the rest.
+            self.write_slots = inputs.write_slots
+            self._c_decode = (inputs.kv_slots.contiguous(), inputs.kv_lens)
+            self._deferred = inputs
+            return
+        self._plan(inputs)
+
+    def decode_from_qkv(
+        self,
+        layer_id: int,
+        qkv: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        num_heads: int,
+        scale: float,
+    ) -> torch.Tensor | None:
+        if self._c_decode is None or not _c_decode_fits(num_heads, self.pool):
+            return None
+        kv_slots, kv_lens = self._c_decode
+        pool = self.pool
+        return cpu_attention.decode_attention(
+            self._c_lib,  # type: ignore[arg-type]
+            qkv,
+            cos,
+            sin,
+            pool.k[layer_id],
+            pool.v[layer_id],
+            kv_slots,
+            kv_lens,
+            num_heads,
+            scale,
+        )
+
+    def _plan(self, inputs: AttentionInputs) -> None:
         device = self.pool.device
         extend = inputs.extend_lens
         prefix = inputs.prefix_lens
@@ -137,6 +182,7 @@ class TorchAttention(AttentionBackend):
 
     def release(self) -> None:
         self._mirror_plan = None
+        self._c_decode = self._deferred = None
         if self._mirror is not None:
             self._mirror.release()
 
@@ -149,6 +195,10 @@ class TorchAttention(AttentionBackend):
         scale: float,
         kv_written: bool = False,
     ) -> torch.Tensor:
+        if self._deferred is not None:  # a decode step planned for the C path: plan it here
+            inputs, self._deferred = self._deferred, None
+            self._c_decode = None
+            self._plan(inputs)
         if not kv_written:
             self.pool.write(layer_id, self.write_slots, k, v)
         if self._mirror_plan is not None:
@@ -217,3 +267,21 @@ class TorchAttention(AttentionBackend):
         if not plan.in_order:
             out = out.index_select(0, plan.rows)
         return out.reshape(bsz, heads, head_dim)
+
+
+def _c_decode_library(pool: KVPool) -> object | None:
+    """The C kernels' library when this pool's decode steps can use them: an fp32 CPU pool, the
+    switch not off, and the library built (or buildable: the first start builds it)."""
+    if pool.device.type != "cpu" or pool.spec.dtype != torch.float32:
+        return None
+    if os.environ.get(_C_DECODE_ENV, "1") == "0":
+        return None
+    from ..cpu_kernels import library
+
+    return library()
+
+
+def _c_decode_fits(num_heads: int, pool: KVPool) -> bool:
+    """The shapes `cpu_attention.c` takes (it refuses others; the torch path serves them)."""
+    heads, dim = pool.spec.num_kv_heads, pool.spec.head_dim
+    return num_heads % heads == 0 and num_heads <= 128 and dim % 16 == 0 and dim <= 256

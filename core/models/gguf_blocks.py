@@ -77,9 +77,9 @@ class _Target:
 
 def kernel() -> object | None:
     """The compiled blocks kernel (built into the cache folder on first use), or None."""
-    from .gguf_import import cache_root
+    from ..cpu_kernels import library
 
-    return cpu_blocks.library(cache_root() / "kernels")
+    return library()
 
 
 def attach(model: nn.Module, folder: Path) -> dict[str, int]:

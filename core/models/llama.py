@@ -22,7 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmconsole.kernels import cpu_elementwise
+
 from ..attention.base import AttentionBackend
+from ..cpu_kernels import elementwise
 from . import cpu_gemm
 from .config import ModelConfig
 
@@ -165,6 +168,9 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernels is not None and x.dim() == 2:
             return self.kernels.norm.rms_norm(x, self.weight, self.eps)
+        lib = elementwise(x) if x.dim() == 2 else None
+        if lib is not None:  # CPU: one C call
+            return cpu_elementwise.add_rms_norm(lib, x.contiguous(), None, self.weight, self.eps)[0]
         if x.dtype == torch.float32:  # torch's fused kernel: one op instead of seven
             return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
         x32 = x.float()  # half precision: normalise in fp32, as the checkpoints were trained
@@ -180,6 +186,12 @@ class RMSNorm(nn.Module):
             return self.kernels.norm.fused_add_rms_norm(
                 x, residual, self.weight, self.eps, inplace=True
             )
+        lib = elementwise(x) if x.dim() == 2 and x.is_contiguous() else None
+        if lib is not None and residual.is_contiguous():  # CPU: one C call, in place too
+            normed, summed = cpu_elementwise.add_rms_norm(
+                lib, x, residual, self.weight, self.eps, inplace=True
+            )
+            return normed, summed  # type: ignore[return-value]
         residual = x + residual
         return self.forward(residual), residual
 
@@ -277,7 +289,14 @@ class Attention(nn.Module):
         rope: Rope,
         attn: AttentionBackend,
     ) -> torch.Tensor:
-        q, k, v, kv_written = self._rope_qkv(self.qkv_proj.forward(hidden), rope, attn)
+        qkv = self.qkv_proj.forward(hidden)
+        if rope.qkv_cos_sin is not None:  # torch path, no q/k norm: the backend may fuse it all
+            cos, sin = (t.flatten(1) for t in rope.cos_sin)  # type: ignore[union-attr]
+            heads = self.config.num_heads
+            out = attn.decode_from_qkv(self.layer_id, qkv, cos, sin, heads, self.scale)
+            if out is not None:
+                return self.o_proj.forward(out.view(-1, self.config.q_size))
+        q, k, v, kv_written = self._rope_qkv(qkv, rope, attn)
         out = attn.forward(self.layer_id, q, k, v, self.scale, kv_written=kv_written)  # [T, H, D]
         return self.o_proj.forward(out.reshape(-1, self.config.q_size))
 
@@ -353,7 +372,11 @@ class MLP(nn.Module):
                 act = kernels.skinny_gemm.skinny_gemm_silu_mul(x, gate_up.weight)
                 return self.down_proj.forward(act)
             return self.down_proj.forward(kernels.activation.silu_and_mul(gate_up.forward(x)))
-        gate, up = self.gate_up_proj.forward(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj.forward(x)
+        lib = elementwise(gate_up)
+        if lib is not None:  # CPU: one C call
+            return self.down_proj.forward(cpu_elementwise.silu_mul(lib, gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         # In place on the fresh gate_up output: two fewer [T, intermediate] allocations.
         return self.down_proj.forward(F.silu(gate, inplace=True).mul_(up))
 

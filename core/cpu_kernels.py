@@ -1,0 +1,28 @@
+"""The CPU's compiled C kernels (GGUF-block products, decode attention; `kernels/cpu_*.c`): one
+library, built into the user cache folder on first use (see `kernels/cpu_blocks.py`)."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import torch
+
+from llmconsole.kernels import cpu_blocks
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled library, or None (`cpu_blocks.unavailable_reason()` says why)."""
+    from .models.gguf_import import cache_root
+
+    return cpu_blocks.library(cache_root() / "kernels")
+
+
+def elementwise(x: torch.Tensor) -> ctypes.CDLL | None:
+    """The library for the element-wise C kernels (`kernels/cpu_elementwise.c`) when `x` is an
+    fp32 CPU tensor and LLMCONSOLE_CPU_FUSED_OPS is not "0" (A/B runs); else None."""
+    if x.dtype != torch.float32 or x.device.type != "cpu":
+        return None
+    if os.environ.get("LLMCONSOLE_CPU_FUSED_OPS", "1") == "0":
+        return None
+    return library()
