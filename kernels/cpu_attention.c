@@ -101,9 +101,14 @@ static inline __attribute__((always_inline)) void heads_pass(int NV, int C, cons
 }
 
 #define PASS(NV, C) heads_pass(NV, C, q, k_pool, v_pool, slots, L, tok, off, scale, o); break;
-#define PASSES(NV)                                                                             \
+/* Only the pass sizes heads_per_pass can pick for NV: each one is compiled out in full. */
+#define PASSES_4(NV)                                                                           \
     switch (c) {                                                                               \
     case 1: PASS(NV, 1) case 2: PASS(NV, 2) case 3: PASS(NV, 3) default: PASS(NV, 4)          \
+    }
+#define PASSES_3(NV)                                                                           \
+    switch (c) {                                                                               \
+    case 1: PASS(NV, 1) case 2: PASS(NV, 2) default: PASS(NV, 3)                              \
     }
 
 /* Query heads a pass keeps in registers with their accumulators. */
@@ -137,11 +142,11 @@ static void attend(const float *qkv, const float *k_pool, const float *v_pool,
             const float *q = qkv + h0 * D;
             float *o = out + h0 * D;
             switch (nv) {
-            case 1: PASSES(1) break;
-            case 2: PASSES(2) break;
-            case 4: PASSES(4) break;
-            case 8: PASSES(8) break;
-            default: PASSES(16) break;
+            case 1: PASSES_4(1) break;
+            case 2: PASSES_4(2) break;
+            case 4: PASSES_3(4) break;
+            case 8: heads_pass(8, 1, q, k_pool, v_pool, slots, L, tok, off, scale, o); break;
+            default: heads_pass(16, 1, q, k_pool, v_pool, slots, L, tok, off, scale, o); break;
             }
         }
     }
