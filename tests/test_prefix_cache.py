@@ -9,6 +9,7 @@ from engine_utils import wait_idle
 from test_scheduler import drain, make_request, run_step
 
 from llmconsole.core import Engine, EngineConfig
+from llmconsole.core.engine import EngineStoppedError
 from llmconsole.core.kv_cache import PageAllocator
 from llmconsole.core.prefix_cache import PrefixCache
 from llmconsole.core.request import Request
@@ -317,3 +318,5 @@ def test_a_tiny_pool_evicts_and_retracts_without_losing_a_request(
         small.check_integrity()
         small.flush_cache()
         assert small.allocator.num_used == 0
+    with pytest.raises(EngineStoppedError, match="shut down"):
+        small.flush_cache()
