@@ -80,10 +80,16 @@ def step(
 
 
 def request(
-    rid: str, ttft: float | None, e2e: float, prompt: int, completion: int, reason: str
+    rid: str,
+    ttft: float | None,
+    e2e: float,
+    prompt: int,
+    completion: int,
+    reason: str,
+    cached: int = 0,
 ) -> RequestRecord:
     first = None if ttft is None else T0 + ttft
-    return RequestRecord(rid, T0, first, T0 + e2e, prompt, 0, completion, 0, reason)
+    return RequestRecord(rid, T0, first, T0 + e2e, prompt, cached, completion, 0, reason)
 
 
 def parse(body: bytes) -> Samples:
@@ -106,7 +112,7 @@ def scrape(metrics: EngineMetrics) -> Samples:
 
 REQUESTS = [
     request("a", 0.05, 1.0, 10, 20, "stop"),
-    request("b", 0.25, 2.0, 30, 40, "length"),
+    request("b", 0.25, 2.0, 30, 40, "length", cached=24),
     request("c", 1.5, 3.5, 7, 5, "length"),
     request("d", None, 0.01, 4, 0, "abort"),
 ]
@@ -134,6 +140,7 @@ def test_every_metric_is_exported_with_the_prefix_and_model_label() -> None:
     names = {name for name, _ in samples}
     expected = [
         "num_running_reqs", "num_queue_reqs", "num_used_tokens", "token_usage",
+        "num_cached_tokens", "cache_hit_rate", "cached_tokens_total",
         "gen_throughput", "spec_accept_length", "spec_accept_rate",
         "prompt_tokens_total", "generation_tokens_total", "num_requests_total",
         "request_finished_total", "cuda_graph_steps_total", "eager_steps_total",
@@ -154,6 +161,8 @@ def test_counters_add_up_the_records(fed: tuple[FakeEngine, EngineMetrics]) -> N
     s = scrape(metrics)
     assert value(s, "generation_tokens_total") == sum(r.num_generated for r in STEPS) == 19
     assert value(s, "prompt_tokens_total") == 51
+    assert value(s, "cached_tokens_total") == 24
+    assert value(s, "cache_hit_rate") == pytest.approx(24 / 51)
     assert value(s, "num_requests_total") == 4
     assert value(s, "request_finished_total", finish_reason="stop") == 1
     assert value(s, "request_finished_total", finish_reason="length") == 2
@@ -197,6 +206,9 @@ def test_gauges_read_the_live_stats(fed: tuple[FakeEngine, EngineMetrics]) -> No
     assert value(s, "num_queue_reqs") == 2
     assert value(s, "num_used_tokens") == 25 * 16
     assert value(s, "token_usage") == 0.25
+    assert value(s, "num_cached_tokens") == 0  # no kv_pages_cached: an engine without a cache
+    eng.live.update(kv_pages_cached=3)
+    assert value(scrape(metrics), "num_cached_tokens") == 3 * 16
     eng.live.update(kv_pages_used=0, running=0, queued=0)
     s = scrape(metrics)
     assert value(s, "token_usage") == 0 and value(s, "num_running_reqs") == 0

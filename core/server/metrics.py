@@ -102,6 +102,14 @@ class EngineMetrics:
         self.num_queue_reqs = gauge("num_queue_reqs", "Requests waiting to be scheduled.")
         self.num_used_tokens = gauge("num_used_tokens", "KV cache slots in use (pages x size).")
         self.token_usage = gauge("token_usage", "Fraction of usable KV pages in use, 0..1.")
+        self.num_cached_tokens = gauge(
+            "num_cached_tokens", "KV slots the prefix cache holds (reclaimable: not in use)."
+        )
+        self.cache_hit_rate = gauge(
+            "cache_hit_rate",
+            "Prompt tokens read from the prefix cache / prompt tokens, finished requests.",
+        )
+        self._prompt_total = self._cached_total = 0
         self.gen_throughput = gauge(
             "gen_throughput", f"Generated tokens/s over the last {window_s:g} s of steps."
         )
@@ -181,6 +189,10 @@ class EngineMetrics:
         self.num_queue_reqs.labels(model_name=m).set(stats["queued"])
         self.num_used_tokens.labels(model_name=m).set(used * stats["page_size"])
         self.token_usage.labels(model_name=m).set(used / total if total else 0.0)
+        cached = stats.get("kv_pages_cached", 0) * stats["page_size"]
+        self.num_cached_tokens.labels(model_name=m).set(cached)
+        prompt = self._prompt_total
+        self.cache_hit_rate.labels(model_name=m).set(self._cached_total / prompt if prompt else 0.0)
 
     def _on_step(self, step: StepRecord) -> None:
         m = self.model_name
@@ -205,6 +217,8 @@ class EngineMetrics:
         m = self.model_name
         self.prompt_tokens.labels(model_name=m).inc(rec.prompt_tokens)
         self.cached_tokens.labels(model_name=m).inc(rec.cached_tokens)
+        self._prompt_total += rec.prompt_tokens
+        self._cached_total += rec.cached_tokens
         self.num_requests.labels(model_name=m).inc()
         self.request_finished.labels(model_name=m, finish_reason=rec.finish_reason).inc()
         if rec.ttft_s is not None:
