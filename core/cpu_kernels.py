@@ -4,6 +4,7 @@ library, built into the user cache folder on first use (see `kernels/cpu_blocks.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 
 import torch
@@ -11,8 +12,11 @@ import torch
 from llmconsole.kernels import cpu_blocks
 
 
+@functools.cache
 def library() -> ctypes.CDLL | None:
-    """The compiled library, or None (`cpu_blocks.unavailable_reason()` says why)."""
+    """The compiled library, or None (`cpu_blocks.unavailable_reason()` says why). Resolved
+    once per process: the model asks for it ~90 times a decode step, and finding the cache
+    folder and taking the build lock each time cost ~16 us a call."""
     from .models.gguf_import import cache_root
 
     return cpu_blocks.library(cache_root() / "kernels")

@@ -8,6 +8,14 @@ import ctypes
 
 import torch
 
+HEAD_DIMS = (16, 32, 64, 128, 256)  # whole AVX-512 vectors, a power of two of them
+MAX_HEADS = 128
+
+
+def supports(num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
+    """The shapes `cpu_attention.c` takes (it refuses others with -1)."""
+    return num_heads % num_kv_heads == 0 and num_heads <= MAX_HEADS and head_dim in HEAD_DIMS
+
 
 def decode_attention(
     lib: ctypes.CDLL,
@@ -41,6 +49,11 @@ def decode_attention(
         raise ValueError("one row of slots and one length per request")
     if cos is not None and (cos.shape != (bsz, dim) or sin is None or sin.shape != (bsz, dim)):
         raise ValueError(f"cos and sin must be [{bsz}, {dim}]")
+    if not supports(num_heads, kv_heads, dim):
+        raise ValueError(
+            f"CPU decode attention takes head dims {HEAD_DIMS} and at most {MAX_HEADS} heads "
+            f"(a whole number per KV head), not {num_heads} heads / {kv_heads} KV heads of {dim}"
+        )
     out = torch.empty(bsz, num_heads, dim)
     rc = lib.decode_attention(
         qkv.data_ptr(),
@@ -61,8 +74,6 @@ def decode_attention(
     )
     if rc != 0:
         raise ValueError(
-            f"CPU decode attention refused {num_heads} heads / {kv_heads} KV heads of {dim} "
-            f"(head dim a multiple of 16 up to 256, at most 128 heads, 1 <= kv_len <= "
-            f"{kv_slots.shape[1]})"
+            f"CPU decode attention refused its lengths (each must be 1..{kv_slots.shape[1]})"
         )
     return out

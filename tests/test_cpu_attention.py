@@ -9,7 +9,10 @@ import torch.nn.functional as F
 from engine_utils import wait_idle
 
 from llmconsole.core import Engine, EngineConfig, SamplingParams
+from llmconsole.core.attention.base import AttentionInputs
+from llmconsole.core.attention.torch_backend import TorchAttention
 from llmconsole.core.cpu_kernels import library
+from llmconsole.core.kv_cache import KVPool, KVPoolSpec
 from llmconsole.core.models.llama import apply_rope
 from llmconsole.kernels import cpu_attention, cpu_blocks
 
@@ -131,11 +134,34 @@ def test_bad_inputs_are_refused_naming_the_problem() -> None:
         call(LIB, qkv, None, None, k_pool, v_pool, slots.t().contiguous().t(), kv_lens, 4, 1.0)
     with pytest.raises(ValueError, match="does not fit 5 heads"):
         call(LIB, qkv, None, None, k_pool, v_pool, slots, kv_lens, 5, 1.0)
-    with pytest.raises(ValueError, match="1 <= kv_len"):
+    with pytest.raises(ValueError, match=r"lengths \(each must be 1\.\."):
         call(LIB, qkv, None, None, k_pool, v_pool, slots, torch.tensor([0, 5]), 4, 1.0)
-    odd = torch.randn(4, 2, 8)  # head dim 8: not a multiple of 16
-    with pytest.raises(ValueError, match="multiple of 16"):
-        call(LIB, torch.randn(2, 64), None, None, odd, odd, slots, kv_lens, 4, 1.0)
+    for dim in (8, 48):  # not a power-of-two number of 16-float vectors
+        odd = torch.randn(4, 2, dim)
+        with pytest.raises(ValueError, match=f"takes head dims .* of {dim}"):
+            call(LIB, torch.randn(2, 8 * dim), None, None, odd, odd, slots, kv_lens, 4, 1.0)
+
+
+def test_the_backend_leaves_shapes_the_kernel_refuses_to_torch() -> None:
+    """Head dim 48 (3 vectors): the torch backend declines the C call and attends as before."""
+    spec = KVPoolSpec(1, 2, 48, 1, 64, torch.float32)
+    backend = TorchAttention(KVPool(spec, torch.device("cpu")))
+    inputs = AttentionInputs(
+        prefix_lens=torch.tensor([3]),
+        extend_lens=torch.tensor([1]),
+        kv_slots=torch.tensor([[1, 2, 3, 4]]),
+        write_slots=torch.tensor([4]),
+        is_decode=True,
+        rows=(1,),
+    )
+    backend.plan(inputs)
+    qkv = torch.randn(1, (4 + 2 * 2) * 48)
+    cos, sin = rope_tables(torch.tensor([3]), 48)
+    assert backend.decode_from_qkv(0, qkv, cos, sin, 4, 48**-0.5) is None
+    q, k, v = torch.randn(1, 4, 48), torch.randn(1, 2, 48), torch.randn(1, 2, 48)
+    out = backend.forward(0, q, k, v, 48**-0.5)  # plans the torch path on first use
+    assert out.shape == (1, 4, 48) and torch.isfinite(out).all()
+    assert torch.equal(backend.pool.k[0][4], k[0])
 
 
 def test_engine_decode_takes_the_c_path_and_the_switch_turns_it_off(

@@ -83,7 +83,10 @@ class TorchAttention(AttentionBackend):
         num_heads: int,
         scale: float,
     ) -> torch.Tensor | None:
-        if self._c_decode is None or not _c_decode_fits(num_heads, self.pool):
+        spec = self.pool.spec
+        if self._c_decode is None or not cpu_attention.supports(
+            num_heads, spec.num_kv_heads, spec.head_dim
+        ):
             return None
         kv_slots, kv_lens = self._c_decode
         pool = self.pool
@@ -279,9 +282,3 @@ def _c_decode_library(pool: KVPool) -> object | None:
     from ..cpu_kernels import library
 
     return library()
-
-
-def _c_decode_fits(num_heads: int, pool: KVPool) -> bool:
-    """The shapes `cpu_attention.c` takes (it refuses others; the torch path serves them)."""
-    heads, dim = pool.spec.num_kv_heads, pool.spec.head_dim
-    return num_heads % heads == 0 and num_heads <= 128 and dim % 16 == 0 and dim <= 256
