@@ -134,6 +134,23 @@ def _split_sum_kernel(
 
 
 @dataclass(frozen=True)
+class SplitPartials:
+    """A split-K product not yet summed: what `skinny_gemm(..., defer_sum=True)` returns when it
+    cut K, for the next kernel to finish (kernels/norm.py's split_add_rms_norm) or `finish`."""
+
+    parts: torch.Tensor  # [S, M, N] fp32
+    bias: torch.Tensor | None  # [N]
+    dtype: torch.dtype  # of the product
+
+    def finish(self) -> torch.Tensor:  # [M, N]
+        """The product itself, summed by the GEMM's own summing kernel."""
+        _, m, n = self.parts.shape
+        out = torch.empty(m, n, dtype=self.dtype, device=self.parts.device)
+        _sum_partials(self.parts, self.bias, out)
+        return out
+
+
+@dataclass(frozen=True)
 class SkinnyConfig:
     block_m: int
     block_n: int
@@ -157,6 +174,14 @@ NARROW_MAX_N, NARROW_MIN_ROWS = 4096, 17
 # "wide" takes only the wide ones, without the fused SiLU-and-mul (the 2026-11-28 kernel).
 MODE = os.environ.get("LLMCONSOLE_SKINNY_GEMM", "1")
 SWITCHED_ON = MODE != "0"
+# Split-K products of at most this many slices may leave their sum to the next RMSNorm
+# (`defer_sum`; kernels/norm.py, split_add_rms_norm), one kernel fewer per o and down. That
+# kernel has one program per row, each reading every slice, so it pays at 33-64 rows (two
+# slices) but not at 17-32 (four, and half the programs). H200, `bench offline` decode step at
+# C=64: 6.80 / 6.83 ms against 6.86 / 6.88 summing first; C=32 with four slices deferred: 5.77
+# against 5.70. `LLMCONSOLE_DEFER_SUM=0` at start-up turns it off.
+DEFER_MAX_SPLIT = 2
+DEFER_SUM = os.environ.get("LLMCONSOLE_DEFER_SUM", "1") != "0"
 
 
 def _narrow(m: int, n: int, k: int) -> bool:
@@ -228,7 +253,9 @@ def skinny_gemm_silu_mul(
     n = weight.shape[0] // 2
     cfg = config or silu_mul_config(m, n, k)
     assert cfg.split_k == 1, "SiLU does not distribute over K slices"
-    return _launch(x, weight, None, out, cfg, n, silu_mul=True)
+    result = _launch(x, weight, None, out, cfg, n, silu_mul=True)
+    assert isinstance(result, torch.Tensor)
+    return result
 
 
 def skinny_gemm(
@@ -237,11 +264,14 @@ def skinny_gemm(
     bias: torch.Tensor | None = None,  # [N]
     out: torch.Tensor | None = None,  # [M, N]
     config: SkinnyConfig | None = None,
-) -> torch.Tensor:  # [M, N]
+    defer_sum: bool = False,
+) -> torch.Tensor | SplitPartials:  # [M, N]
+    """x W^T (+ b). With `defer_sum` (and no `out`), a product whose K was cut into 2 to
+    DEFER_MAX_SPLIT slices comes back as its SplitPartials, unsummed, for a fused consumer."""
     m, k = x.shape
     n = weight.shape[0]
     cfg = config or skinny_config(m, n, k)
-    return _launch(x, weight, bias, out, cfg, n, silu_mul=False)
+    return _launch(x, weight, bias, out, cfg, n, silu_mul=False, defer_sum=defer_sum)
 
 
 def _launch(
@@ -252,17 +282,22 @@ def _launch(
     cfg: SkinnyConfig,
     n: int,  # output columns
     silu_mul: bool,
-) -> torch.Tensor:
+    defer_sum: bool = False,
+) -> torch.Tensor | SplitPartials:
     m, k = x.shape
     assert weight.shape[1] == k and x.stride(1) == 1 and weight.stride(1) == 1, (x.shape, k)
-    if out is None:
-        out = x.new_empty(m, n)
-    assert out.shape == (m, n) and out.stride(1) == 1
     tiles = triton.cdiv(n, cfg.block_n) * triton.cdiv(m, cfg.block_m)
     k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
     split = triton.cdiv(k, k_per_split)  # no empty slices
+    defer = defer_sum and out is None and 1 < split <= DEFER_MAX_SPLIT
+    if out is None and not defer:
+        out = x.new_empty(m, n)
+    assert out is None or (out.shape == (m, n) and out.stride(1) == 1)
     use_pdl = pdl.enabled(x)
-    target = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+    if split == 1:
+        target = out
+    else:
+        target = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
     _skinny_gemm_kernel[(tiles * split,)](
         x,
         weight,
@@ -274,7 +309,7 @@ def _launch(
         k_per_split,
         x.stride(0),
         weight.stride(0),
-        out.stride(0),
+        target.stride(-2),
         HAS_BIAS=bias is not None,
         EVEN_K=k % k_per_split == 0 and k_per_split % cfg.block_k == 0,
         SPLIT_K=split,
@@ -287,20 +322,33 @@ def _launch(
         num_stages=cfg.num_stages,
         **pdl.launch_options(use_pdl),
     )
+    if defer:
+        return SplitPartials(target, bias, x.dtype)
+    assert out is not None
     if split > 1:
-        block = 1024
-        _split_sum_kernel[(triton.cdiv(m * n, block),)](
-            target,
-            bias if bias is not None else weight,
-            out,
-            m,
-            n,
-            out.stride(0),
-            HAS_BIAS=bias is not None,
-            SPLIT_K=split,
-            BLOCK=block,
-            USE_PDL=use_pdl,
-            num_warps=4,
-            **pdl.launch_options(use_pdl),
-        )
+        _sum_partials(target, bias, out)
     return out
+
+
+def _sum_partials(
+    parts: torch.Tensor,  # [S, M, N] fp32
+    bias: torch.Tensor | None,  # [N]
+    out: torch.Tensor,  # [M, N]
+) -> None:
+    split, m, n = parts.shape
+    block = 1024
+    use_pdl = pdl.enabled(parts)
+    _split_sum_kernel[(triton.cdiv(m * n, block),)](
+        parts,
+        bias if bias is not None else parts,
+        out,
+        m,
+        n,
+        out.stride(0),
+        HAS_BIAS=bias is not None,
+        SPLIT_K=split,
+        BLOCK=block,
+        USE_PDL=use_pdl,
+        num_warps=4,
+        **pdl.launch_options(use_pdl),
+    )

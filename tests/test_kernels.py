@@ -208,6 +208,45 @@ def _check_skinny_gemm() -> None:
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+@check("split_add_rms_norm")
+def _check_split_add_rms_norm() -> None:
+    from llmconsole.kernels import norm
+    from llmconsole.kernels import skinny_gemm as sg
+
+    gen = torch.Generator().manual_seed(2)
+    # A split-K product handed back unsummed, then summed inside the residual-add RMSNorm: the
+    # same normed output and residual stream as summing first, for two slices (whole chunks and
+    # a ragged last one), with and without a bias, and an odd hidden size.
+    for m, n, k, split, bias in ((3, 40, 96, 2, True), (5, 24, 100, 2, False)):
+        weight = torch.randn(n, k, generator=gen)
+        x = torch.randn(m, k, generator=gen)
+        b = torch.randn(n, generator=gen) if bias else None
+        w_norm = torch.randn(n, generator=gen)
+        residual = torch.randn(m, n, generator=gen)
+        cfg = sg.SkinnyConfig(16, 16, 32, num_warps=2, num_stages=2, split_k=split)
+        summed = sg.skinny_gemm(x, weight, b, config=cfg)
+        want_out, want_res = norm.fused_add_rms_norm(summed, residual, w_norm, 1e-6)
+        partials = sg.skinny_gemm(x, weight, b, config=cfg, defer_sum=True)
+        assert isinstance(partials, sg.SplitPartials) and partials.parts.shape == (split, m, n)
+        torch.testing.assert_close(partials.finish(), summed, rtol=0, atol=0)
+        res = residual.clone()
+        out, res_out = norm.split_add_rms_norm(partials.parts, partials.bias, res, w_norm, 1e-6)
+        assert res_out is res  # the residual stream is updated in place
+        torch.testing.assert_close(out, want_out, rtol=0, atol=0)
+        torch.testing.assert_close(res, want_res, rtol=0, atol=0)
+    # One slice, or more than DEFER_MAX_SPLIT: the product comes back summed.
+    x, weight = torch.randn(3, 96, generator=gen), torch.randn(16, 96, generator=gen)
+    for split in (1, 3):
+        cfg = sg.SkinnyConfig(16, 16, 32, num_warps=2, num_stages=2, split_k=split)
+        assert isinstance(sg.skinny_gemm(x, weight, config=cfg, defer_sum=True), torch.Tensor)
+    # The norm's kernel itself takes any number of slices.
+    parts = torch.randn(3, 4, 24, generator=gen)
+    residual, w_norm = torch.randn(4, 24, generator=gen), torch.randn(24, generator=gen)
+    want = norm.fused_add_rms_norm(parts.sum(0), residual, w_norm, 1e-6)
+    got = norm.split_add_rms_norm(parts, None, residual.clone(), w_norm, 1e-6)
+    torch.testing.assert_close(got, want)
+
+
 @check("gemv_silu_mul")
 def _check_gemv_silu_mul() -> None:
     from llmconsole.kernels import gemv
@@ -602,6 +641,66 @@ def test_gpu_skinny_gate_up_silu_mul_matches_the_unfused_path_in_a_graph(
     fused = mlp.down_proj.forward(sg.skinny_gemm_silu_mul(x, mlp.gate_up_proj.weight))
     torch.testing.assert_close(out, fused, rtol=0, atol=0)  # the graph took the fused kernel
     torch.testing.assert_close(out, eager, rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.gpu
+def test_gpu_mlp_down_slices_summed_in_the_next_norm_match_the_plain_path(
+    cuda: torch.device,
+) -> None:
+    """Batched decode in a graph: the MLP's down projection (two K slices at 48 rows) hands its
+    slices to the next residual-add RMSNorm unsummed; the normed output and the residual stream
+    are bitwise those of summing first. At 24 rows (four slices) it sums them itself."""
+    import transformers
+
+    from llmconsole.core.models.config import ModelConfig
+    from llmconsole.core.models.llama import MLP, Kernels, RMSNorm
+    from llmconsole.kernels import skinny_gemm as sg
+
+    hf = transformers.LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=8192,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        num_hidden_layers=1,
+        vocab_size=512,
+    )
+    config = ModelConfig.from_hf(hf)
+    kernels = Kernels.for_device(cuda)
+    with torch.device(cuda):
+        mlp = MLP(config, torch.bfloat16, kernels)
+        norm = RMSNorm(4096, 1e-5, torch.bfloat16, kernels)
+    mlp.gate_up_proj.weight.normal_(0, 0.02)
+    mlp.down_proj.weight.normal_(0, 0.02)
+    norm.weight.normal_(1, 0.1)
+
+    def run(rows: int, defer: bool) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        sg.DEFER_SUM = defer
+        gen = torch.Generator(device=cuda).manual_seed(rows)
+        x = torch.randn(rows, 4096, device=cuda, dtype=torch.bfloat16, generator=gen)
+        residual = torch.randn(rows, 4096, device=cuda, dtype=torch.bfloat16, generator=gen)
+        normed = torch.empty_like(residual)
+        deferred = []
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            down = mlp.forward_unsummed(x)
+            deferred.append(not isinstance(down, torch.Tensor))
+            normed.copy_(norm.add_and_norm(down, residual)[0])
+        graph.replay()
+        return normed, residual, deferred[0]
+
+    try:
+        want_normed, want_residual, deferred = run(48, defer=False)
+        assert not deferred
+        normed, residual, deferred = run(48, defer=True)
+        assert deferred
+        torch.testing.assert_close(normed, want_normed, rtol=0, atol=0)
+        torch.testing.assert_close(residual, want_residual, rtol=0, atol=0)
+        assert not run(24, defer=True)[2]
+    finally:
+        sg.DEFER_SUM = True
+    # Outside a graph nothing is deferred: cuBLAS computes the projection.
+    x = torch.randn(48, 4096, device=cuda, dtype=torch.bfloat16)
+    assert isinstance(mlp.forward_unsummed(x), torch.Tensor)
 
 
 @pytest.mark.gpu

@@ -30,7 +30,13 @@ from . import cpu_gemm
 from .config import ModelConfig
 
 if TYPE_CHECKING:
+    from llmconsole.kernels.skinny_gemm import SplitPartials
+
     from .gguf_blocks import BlockWeight
+
+    # A projection's output, or (batched decode in a CUDA graph) its split-K slices not yet
+    # summed, which the next RMSNorm adds in the same kernel.
+    Hidden = torch.Tensor | SplitPartials
 
 _ADOPT_ENV = "LLMCONSOLE_ADOPT_WEIGHTS"  # "0": copy every weight (A/B runs)
 # Merged projections and the checkpoint's parts they hold, in row order
@@ -105,6 +111,19 @@ class Linear(nn.Module):
             return packed(x)
         return linear(x, self.weight, self.bias, self.kernels)
 
+    def forward_unsummed(self, x: torch.Tensor) -> Hidden:
+        """forward(x), except that a split-K skinny GEMM hands back its slices unsummed: for a
+        projection whose only reader is RMSNorm.add_and_norm (o and down)."""
+        kernels = self.kernels
+        if (
+            kernels is not None
+            and kernels.skinny_gemm.DEFER_SUM
+            and x.shape[0] > 1
+            and _graph_skinny(x, self.weight, kernels)
+        ):
+            return kernels.skinny_gemm.skinny_gemm(x, self.weight, self.bias, defer_sum=True)
+        return self.forward(x)
+
 
 def linear(
     x: torch.Tensor,  # [T, in]
@@ -177,10 +196,13 @@ class RMSNorm(nn.Module):
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
 
-    def add_and_norm(
-        self, x: torch.Tensor, residual: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def add_and_norm(self, x: Hidden, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(x + residual), x + residual): the pre-norm block's two outputs in one call."""
+        if not isinstance(x, torch.Tensor):  # split-K slices: summed in the norm's kernel
+            assert self.kernels is not None
+            return self.kernels.norm.split_add_rms_norm(
+                x.parts, x.bias, residual, self.weight, self.eps
+            )
         if self.kernels is not None:
             # In place: x is a fresh projection output and residual the layer stack's own.
             return self.kernels.norm.fused_add_rms_norm(
@@ -288,17 +310,17 @@ class Attention(nn.Module):
         hidden: torch.Tensor,  # [T, hidden]
         rope: Rope,
         attn: AttentionBackend,
-    ) -> torch.Tensor:
+    ) -> Hidden:
         qkv = self.qkv_proj.forward(hidden)
         if rope.qkv_cos_sin is not None:  # torch path, no q/k norm: the backend may fuse it all
             cos, sin = (t.flatten(1) for t in rope.cos_sin)  # type: ignore[union-attr]
             heads = self.config.num_heads
             out = attn.decode_from_qkv(self.layer_id, qkv, cos, sin, heads, self.scale)
             if out is not None:
-                return self.o_proj.forward(out.view(-1, self.config.q_size))
+                return self.o_proj.forward_unsummed(out.view(-1, self.config.q_size))
         q, k, v, kv_written = self._rope_qkv(qkv, rope, attn)
         out = attn.forward(self.layer_id, q, k, v, self.scale, kv_written=kv_written)  # [T, H, D]
-        return self.o_proj.forward(out.reshape(-1, self.config.q_size))
+        return self.o_proj.forward_unsummed(out.reshape(-1, self.config.q_size))
 
     def _rope_qkv(
         self,
@@ -357,6 +379,11 @@ class MLP(nn.Module):
         mirror(self, "gate_up_proj", "down_proj")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.forward_unsummed(x)
+        return out if isinstance(out, torch.Tensor) else out.finish()
+
+    def forward_unsummed(self, x: torch.Tensor) -> Hidden:
+        """forward(x); down's split-K slices may come back unsummed (Linear.forward_unsummed)."""
         kernels = self.kernels
         if kernels is not None:
             gate_up = self.gate_up_proj
@@ -370,7 +397,7 @@ class MLP(nn.Module):
                 and torch.cuda.is_current_stream_capturing()
             ):  # batched decode in a graph: the same in the skinny GEMM's epilogue
                 act = kernels.skinny_gemm.skinny_gemm_silu_mul(x, gate_up.weight)
-                return self.down_proj.forward(act)
+                return self.down_proj.forward_unsummed(act)
             return self.down_proj.forward(kernels.activation.silu_and_mul(gate_up.forward(x)))
         gate_up = self.gate_up_proj.forward(x)
         lib = elementwise(gate_up)
@@ -395,19 +422,20 @@ class DecoderLayer(nn.Module):
 
     def forward(
         self,
-        hidden: torch.Tensor,
+        hidden: Hidden,
         residual: torch.Tensor | None,
         rope: Rope,
         attn: AttentionBackend,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[Hidden, torch.Tensor]:
         if residual is None:
+            assert isinstance(hidden, torch.Tensor)  # the embeddings
             residual = hidden
             hidden = self.input_layernorm.forward(hidden)
         else:
             hidden, residual = self.input_layernorm.add_and_norm(hidden, residual)
         hidden = self.self_attn.forward(hidden, rope, attn)
         hidden, residual = self.post_attention_layernorm.add_and_norm(hidden, residual)
-        return self.mlp.forward(hidden), residual
+        return self.mlp.forward_unsummed(hidden), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -459,17 +487,19 @@ class LlamaForCausalLM(nn.Module):
         out: torch.Tensor | None = None,  # [S, V] in the model's dtype (a CUDA graph's buffer)
         features: torch.Tensor | None = None,  # [T, feature_size]: filled when given
     ) -> torch.Tensor:  # [S, V] fp32, or `out` (or [T, V] when logit_indices is None)
-        hidden = self.embed_tokens(input_ids)
-        rope = self.rotary.step(positions, hidden.dtype)
+        embedded = self.embed_tokens(input_ids)
+        rope = self.rotary.step(positions, embedded.dtype)
+        stream: Hidden = embedded
         residual = None
         taps = self.feature_layers if features is not None else ()
         for i, layer in enumerate(self.layers):
             if i in taps:
-                self._tap(features, taps.index(i), hidden, residual)  # type: ignore[arg-type]
+                self._tap(features, taps.index(i), stream, residual)  # type: ignore[arg-type]
             # `.forward` here and in the layers: nn.Module.__call__'s hook dispatch costs ~10 us
             # a call on a small CPU, ~9 calls a layer, and these modules never carry hooks.
-            hidden, residual = layer.forward(hidden, residual, rope, attn)
-        hidden, _ = self.norm.add_and_norm(hidden, residual)
+            stream, residual = layer.forward(stream, residual, rope, attn)
+        assert residual is not None, "a model has at least one layer"
+        hidden, _ = self.norm.add_and_norm(stream, residual)
         if self.config.num_layers in taps:
             self._tap(features, taps.index(self.config.num_layers), hidden, None)  # type: ignore[arg-type]
         if logit_indices is not None:
@@ -487,11 +517,13 @@ class LlamaForCausalLM(nn.Module):
         self,
         features: torch.Tensor,  # [T, F]
         k: int,
-        hidden: torch.Tensor,  # [T, H]
+        hidden: Hidden,  # [T, H]
         residual: torch.Tensor | None,
     ) -> None:
         """Write the residual stream (hidden + residual; the layers keep them apart) into the
         k-th hidden-size column block of `features`."""
+        if not isinstance(hidden, torch.Tensor):  # split-K slices (the next norm sums them too)
+            hidden = hidden.finish()
         h = self.config.hidden_size
         dest = features[:, k * h : (k + 1) * h]
         if residual is None:
