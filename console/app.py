@@ -39,7 +39,7 @@ from .session import ConsoleOptions, LiveSession
 from .sources import EngineSource, ReplaySource, TelemetrySource
 from .state import ConsoleModel
 from .widgets.event_log import EventLog
-from .widgets.gauges import Gauges
+from .widgets.gauges import HIT_WINDOW_S, Gauges, GaugeValues
 from .widgets.header import EngineHeader
 from .widgets.requests_table import RequestsTable
 from .widgets.spec_panel import SpecPanel, spec_shape
@@ -71,6 +71,11 @@ PALETTE_FLAGS = (
     ("speculative_algorithm", "speculative algorithm"),
 )
 REFRESH_S = 0.1  # ≤10 Hz, as the panels promise
+
+
+def prefix_cache_on(config: dict[str, Any]) -> bool:
+    """Whether the described engine (a recording's too) runs the radix prefix cache."""
+    return not config.get("disable_radix_cache")
 
 
 class ConsoleApp(App[None]):
@@ -167,7 +172,7 @@ class ConsoleApp(App[None]):
         self.panels.table.border_title = "running requests (enter: open, x: cancel)"
         self.panels.strip.border_title = "engine steps"
         self.panels.log.border_title = "events"
-        self.panels.gauges.border_title = "KV cache and queue"
+        self.panels.gauges.border_title = "KV cache, prefix cache and queue"
         self.panels.spec.border_title = "speculative decoding"
         if self.session is not None:
             self._session_ready(self.session)
@@ -312,20 +317,25 @@ class ConsoleApp(App[None]):
 
     def _gauges(self, now: float) -> None:
         config = self._describe().get("config", {})
-        used, total = self.model.kv_usage()
+        used, cached, total = self.model.kv_usage()
         queued = sum(1 for r in self.model.live if r.state == "queued")
         running = len(self.model.live) - queued
-        self.panels.gauges.show(
+        values = GaugeValues(
             # The last step's count predates the frees of the requests it finished.
-            used if self.model.live else 0,
-            total,
-            running,
-            int(config.get("max_running_requests") or 0),
-            queued,
-            self.model.tokens_per_s(now),
-            self.model.finished_ok,
-            self.model.finished_failed,
+            kv_used=used if self.model.live else 0,
+            kv_cached=cached,
+            kv_total=total,
+            running=running,
+            max_running=int(config.get("max_running_requests") or 0),
+            queued=queued,
+            tokens_per_s=self.model.tokens_per_s(now),
+            finished_ok=self.model.finished_ok,
+            finished_failed=self.model.finished_failed,
+            prefix_cache=prefix_cache_on(config),
+            hit_rate=self.model.prefix_hit_rate(now, HIT_WINDOW_S),
+            hit_history=tuple(self.model.hit_rate_series(now, self.model.chart_seconds)),
         )
+        self.panels.gauges.show(values)
 
     def _spec(self) -> None:
         config = self._describe().get("config", {})

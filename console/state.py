@@ -24,6 +24,13 @@ class SecondBucket:
     steps: int = 0
     running: int = 0  # largest running set seen
     queue: int = 0  # longest queue seen
+    cached_tokens: int = 0  # tokens the requests admitted this second read from the prefix cache
+    admitted_tokens: int = 0  # all tokens of those requests at admission
+
+    @property
+    def hit_rate(self) -> float | None:
+        """Prefix-cache hit rate of this second's admissions; None when nothing was admitted."""
+        return self.cached_tokens / self.admitted_tokens if self.admitted_tokens else None
 
 
 @dataclass
@@ -153,6 +160,8 @@ class ConsoleModel:
         bucket.steps += 1
         bucket.running = max(bucket.running, step.running)
         bucket.queue = max(bucket.queue, step.queue_len)
+        bucket.cached_tokens += step.cached_tokens
+        bucket.admitted_tokens += step.admitted_tokens
 
     # ---- derived values ------------------------------------------------------------------------
 
@@ -182,6 +191,27 @@ class ConsoleModel:
             queue.append(float(bucket.queue))
         return xs, toks, running, queue
 
-    def kv_usage(self) -> tuple[int, int]:
+    def kv_usage(self) -> tuple[int, int, int]:
+        """(pages in use, reclaimable pages only the prefix cache holds, usable pages)."""
         step = self.last_step
-        return (step.kv_pages_used, step.kv_pages_total) if step else (0, 0)
+        if step is None:
+            return 0, 0, 0
+        return step.kv_pages_used, step.kv_pages_cached, step.kv_pages_total
+
+    def hit_rate_series(self, now: float, seconds: int) -> list[float | None]:
+        """The prefix-cache hit rate of each of the last `seconds` seconds, oldest first, the
+        current one included (a ratio, so a second not yet over is not biased); None for a
+        second that admitted nothing."""
+        current = int(now)
+        rates: dict[int, float | None] = {
+            b.second: b.hit_rate for b in self.seconds if current - seconds < b.second <= current
+        }
+        return [rates.get(s) for s in range(current - seconds + 1, current + 1)]
+
+    def prefix_hit_rate(self, now: float, window_s: int = 10) -> float | None:
+        """Cached / admitted tokens over the requests admitted in the last `window_s` seconds
+        (tokens, not a mean of per-second rates: a busy second weighs more); None when none."""
+        current = int(now)
+        window = [b for b in self.seconds if current - window_s < b.second <= current]
+        admitted = sum(b.admitted_tokens for b in window)
+        return sum(b.cached_tokens for b in window) / admitted if admitted else None

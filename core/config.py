@@ -93,10 +93,9 @@ class EngineConfig:
 
     @property
     def prefix_cache(self) -> bool:
-        """Whether the radix prefix cache is used: not disabled, and no drafter that keeps its
-        own KV or features per request (draft, eagle, eagle3), which a cached prefix would lack.
-        ngram drafts from the tokens alone."""
-        return not self.disable_radix_cache and self.speculative_algorithm in ("none", "ngram")
+        """Whether the radix prefix cache is used (SGLang's default, with or without
+        speculative decoding: a drafter's own KV is cached with the target's)."""
+        return not self.disable_radix_cache
 
     def __post_init__(self) -> None:
         alg = (self.speculative_algorithm or "none").lower()

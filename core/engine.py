@@ -31,7 +31,7 @@ from .request import FinishReason, Request, RequestState
 from .restart import RestartPlan, plan_restart
 from .runner import ModelRunner, PendingStep, StepOutput, VerifyOutput
 from .sampling_params import SamplingParams
-from .scheduler import ScheduledBatch, Scheduler
+from .scheduler import DraftKV, ScheduledBatch, Scheduler
 from .spec.speculator import (
     DraftCache,
     Speculator,
@@ -205,13 +205,14 @@ class Engine(StepResultsMixin, HotRestartMixin):
 
     def _build_speculator(self) -> None:
         """The proposer for the speculative flags, over the target's pages. A drafter's KV pool
-        is new, so no request has draft KV any more, unless the same EAGLE head drafts over the
-        same target pool: its KV and the requests' waiting features then carry over."""
-        head_pool = None
+        is new, so no request has draft KV any more, unless the same drafter (draft model or
+        EAGLE head) drafts over the same target pool: its KV and the requests' waiting
+        features then carry over."""
+        draft_pool = None
         if self.spec is not None:
-            head_pool = self.spec.keepable_head_pool(self.config, self.loaded, self.pool)
-            self.spec.release(keep_head_pool=head_pool is not None)
-        if head_pool is None:
+            draft_pool = self.spec.keepable_draft_pool(self.config, self.loaded, self.pool)
+            self.spec.release(keep_draft_pool=draft_pool is not None)
+        if draft_pool is None:
             for req in self.scheduler.requests():
                 req.draft_computed = 0
                 req.draft_features = None
@@ -222,9 +223,17 @@ class Engine(StepResultsMixin, HotRestartMixin):
             self.pool,
             self.max_request_tokens,
             self._draft_cache,
-            head_pool,
+            draft_pool,
         )
-        if head_pool is not None and self.spec is not None:
+        draft_kv = self.spec.draft_kv if self.spec is not None else DraftKV.NONE
+        if draft_kv is not DraftKV.NONE and draft_pool is None and self.scheduler.pages_cached:
+            # Cached prefixes hold no KV of this new drafter. A restart that keeps the target's
+            # KV keeps the same drafter's pool (above), so this is a safety net. Prefixes that
+            # running requests read stay: a request that matches one drafts worse there
+            # (lower acceptance), never wrongly, since the target verifies every draft.
+            self.scheduler.flush_cache()
+        self.scheduler.draft_kv = draft_kv
+        if draft_pool is not None and self.spec is not None:
             self.spec.adopt(self.scheduler.running)
 
     def _capture_cuda_graphs(self, progress: Progress | None) -> None:
@@ -418,7 +427,7 @@ class Engine(StepResultsMixin, HotRestartMixin):
             "queued": len(self.scheduler.waiting),
             "kv_pages_used": self.scheduler.pages_in_use,
             "kv_pages_total": self.allocator.num_usable,
-            "kv_pages_cached": self.scheduler.pages_cached,
+            "kv_pages_cached": self.scheduler.pages_reclaimable,  # beside kv_pages_used
             "page_size": self.pool.page_size,
         }
 
@@ -483,6 +492,8 @@ class Engine(StepResultsMixin, HotRestartMixin):
             batch = self.scheduler.schedule()
             if batch is None:
                 continue
+            if self.spec is not None and batch.kind == "prefill":
+                self.spec.adopt_cached(batch)  # the drafter's KV in cached prefixes
             self._omp_workers_held = self._on_cpu
             if (
                 batch.kind == "decode"

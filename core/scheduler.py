@@ -5,11 +5,13 @@ on its own. Like SGLang, a step is either a prefill batch (new or chunked reques
 priority) or a decode batch (every running request that has finished its prefill). With a
 `PrefixCache`, an admitted request starts after the longest cached prefix of its tokens, finished
 requests leave their KV in the cache, and the cache's unlocked pages count as free: they are
-evicted (least recently used first) when pages run short.
+evicted (least recently used first) when pages run short. A speculative drafter with KV of its
+own (`DraftKV`) keeps it in the same pages, so a cached prefix holds the drafter's KV too.
 """
 
 from __future__ import annotations
 
+import enum
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,6 +25,20 @@ from .request import Request, RequestState
 # chat template's system prompt, the common case, is ~20-30 tokens (SmolLM2's 24, Llama 3.1's
 # ~25), so SGLang's 32 would miss it; deferring costs the request one (smaller) prefill step.
 SHARE_MIN_TOKENS = 16
+
+
+class DraftKV(enum.Enum):
+    """What the speculative drafter keeps in a request's pages besides the target's KV. Its KV
+    is indexed by the target's slots, so a cached prefix's pages carry it as well, but only
+    where it was computed: `Request.draft_computed` positions."""
+
+    NONE = "none"  # no drafter KV: no speculation, or n-gram lookup
+    # A draft model: its KV at position i depends on tokens [0, i] only, like the target's.
+    TOKENS = "tokens"
+    # An EAGLE head: position i holds token i + 1 with the target's features at i, so its KV
+    # there also depends on the token after. A request that matched a prefix leaves that
+    # prefix's last page to compute: the head's KV before it then saw the same next token.
+    NEXT_TOKEN = "next_token"
 
 
 @dataclass(frozen=True)
@@ -88,6 +104,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._prefilled: list[Request] = []  # the last prefill step's requests, to share
+        self.draft_kv = DraftKV.NONE  # set by the engine with its speculator
 
     # ---- bookkeeping -----------------------------------------------------------------------
 
@@ -104,7 +121,14 @@ class Scheduler:
 
     @property
     def pages_cached(self) -> int:
+        """Pages the prefix cache holds, the ones running requests read included."""
         return self.prefix_cache.num_pages if self.prefix_cache is not None else 0
+
+    @property
+    def pages_reclaimable(self) -> int:
+        """The prefix cache's pages that no running request reads: `pages_in_use` leaves them
+        out, so the two add up to the pages allocated."""
+        return self.prefix_cache.evictable_pages if self.prefix_cache is not None else 0
 
     def start_prefix_cache(self) -> None:
         """Cache from now on (a hot restart turned the cache on over the same pool)."""
@@ -146,8 +170,8 @@ class Scheduler:
     def _release(self, req: Request, cache: bool) -> None:
         tree = self.prefix_cache
         own = req.pages[req.num_shared_pages :]
-        if tree is not None and cache and req.num_computed >= self.page_size:
-            full = req.num_computed // self.page_size  # pages whose every position is computed
+        full = self._cacheable_pages(req)
+        if tree is not None and cache and full > req.num_shared_pages:
             tree.insert(req.token_ids(0, full * self.page_size), req.pages[:full])
             own = req.pages[full:]
         if req.prefix_node is not None:
@@ -160,6 +184,14 @@ class Scheduler:
         req.num_computed = 0
         req.draft_computed = 0
         req.draft_features = None
+
+    def _cacheable_pages(self, req: Request) -> int:
+        """Leading pages of `req` whose every position holds final KV: the target's, and the
+        drafter's when it keeps KV in them."""
+        done = req.num_computed
+        if self.draft_kv is not DraftKV.NONE:
+            done = min(done, req.draft_computed)
+        return done // self.page_size
 
     def _available(self) -> int:
         """Pages an allocation can get: free ones and the cache's evictable ones."""
@@ -188,6 +220,8 @@ class Scheduler:
         if tree is None or req.params.prompt_logprobs is not None:
             return 0
         pages, node = tree.match(req.token_ids(0, req.num_tokens - 1))
+        if pages and self.draft_kv is DraftKV.NEXT_TOKEN:  # see DraftKV
+            pages, node = tree.match(req.token_ids(0, (len(pages) - 1) * self.page_size))
         if pages:
             tree.lock(node)
             req.prefix_node = node
@@ -214,7 +248,7 @@ class Scheduler:
         holds more of its tokens than it reads from there (two requests computed the same
         tokens in one step): its own pages are cached when it finishes."""
         tree = self.prefix_cache
-        full = req.num_computed // self.page_size
+        full = self._cacheable_pages(req)
         if tree is None or req.state is not RequestState.RUNNING or full <= req.num_shared_pages:
             return
         tokens = req.token_ids(0, full * self.page_size)
@@ -337,6 +371,8 @@ class Scheduler:
             self._grow(req, end)
             req.state = RequestState.RUNNING
             req.num_computed = cached
+            if self.draft_kv is not DraftKV.NONE:
+                req.draft_computed = cached  # the cached pages hold the drafter's KV too
             if req.num_retractions == 0:
                 req.num_cached_tokens = min(cached, req.num_prompt_tokens)
             self.running.append(req)

@@ -177,6 +177,7 @@ class StepResultsMixin:
         if proposal is not None:
             drafted = sum(map(len, proposal.drafts))
             per_position = tuple(sum(a > k for a in accepted) for k in range(proposal.depth))
+        cached, admitted = admission_tokens(batch)
         self.telemetry.append(
             StepRecord(
                 step_id=next(self._step_ids),
@@ -196,5 +197,27 @@ class StepResultsMixin:
                 accepted_tokens=sum(accepted),
                 retracted=len(batch.retracted),
                 accepted_per_position=per_position,
+                kv_pages_cached=self.scheduler.pages_reclaimable,
+                cached_tokens=cached,
+                admitted_tokens=admitted,
             )
         )
+
+
+def admission_tokens(batch: ScheduledBatch) -> tuple[int, int]:
+    """(tokens read from the prefix cache, all tokens at admission) of the requests `batch`
+    admits: the prefix-cache hit rate's numerator and denominator.
+
+    An admission chunk starts where its request's cached prefix ends (at 0 on a miss); a later
+    chunk starts past tokens the request computed, never at its `cached` (0 there)."""
+    if batch.kind != "prefill":
+        return 0, 0
+    cached = admitted = 0
+    for chunk in batch.chunks:
+        if chunk.start != chunk.cached:
+            continue
+        cached += chunk.cached
+        # The request's length at admission: a chunk that samples ran to it (the request has
+        # one token more now); one that does not (chunked prefill) left the request as it was.
+        admitted += chunk.end if chunk.samples else chunk.req.num_tokens
+    return cached, admitted

@@ -40,6 +40,12 @@ class StepRecord:
     retracted: int = 0
     # accepted drafts at draft position 0, 1, ... summed over the batch (speculative steps only)
     accepted_per_position: tuple[int, ...] = ()
+    # Prefix cache. Defaults keep recordings from before these fields loading.
+    kv_pages_cached: int = 0  # pages only the cache holds: reclaimable, not in kv_pages_used
+    cached_tokens: int = 0  # tokens this step's newly admitted requests read from the cache
+    # all tokens of those requests at admission (the prompt, plus the output so far after a
+    # retraction): the hit rate's denominator, never below cached_tokens
+    admitted_tokens: int = 0
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ import csv
 import datetime as dt
 import gc
 import io
+import re
 import socket
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +26,7 @@ from llmconsole.console.screens.load_dialog import LoadDialog
 from llmconsole.console.screens.request_detail import RequestScreen
 from llmconsole.console.session import ConsoleOptions
 from llmconsole.console.widgets.event_log import EventLog
+from llmconsole.console.widgets.gauges import Gauges
 from llmconsole.console.widgets.requests_table import RequestsTable
 from llmconsole.console.widgets.step_strip import StepStrip
 from llmconsole.core import Engine, EngineConfig, RequestRecord
@@ -90,6 +92,42 @@ def test_requests_fill_the_table_and_steps_accumulate(engine: Engine) -> None:
 
     asyncio.run(run())
     wait_idle(engine)
+
+
+def test_gauges_show_the_prefix_cache_and_its_hit_rate() -> None:
+    """Requests sharing a long prefix, one after another over HTTP: the KV gauge shows the
+    finished ones' pages as cached (reclaimable), and the prefix row its hit rate. An engine of
+    its own: the shared one's earlier steps would be in the gauges' 10 s window."""
+    app: ConsoleApp
+    prefix = "You answer every question in one short sentence, politely and plainly. " * 4
+    questions = ["What is two plus two?", "Name a colour.", "Name a fruit."]
+
+    def gauges() -> str:
+        return app.query_one(Gauges).render().plain
+
+    async def run() -> None:
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: "prefix" in gauges())
+            assert "+0% cached" in gauges() and "hit — (10 s)" in gauges()
+            with ThreadPoolExecutor(1) as pool:
+                for question in questions:
+                    (future,) = fire(pool, client_for(app), [prefix + question], max_tokens=4)
+                    await asyncio.wrap_future(future)
+            # Painted after the last step: nothing runs, every request's pages are the cache's.
+            await until(pilot, lambda: re.search(r"finished 3$", gauges()) is not None)
+            await until(pilot, lambda: re.search(r" 0/\d+ max", gauges()) is not None)
+            text = gauges()
+            hit = int(re.search(r"hit (\d+)% \(10 s\)", text).group(1))  # type: ignore[union-attr]
+            assert 30 <= hit < 100, text  # the first request missed, the others read the prefix
+            assert re.search(r"\+[1-9]\d*% cached", text), text
+            assert any(spark in text for spark in "▂▃▄▅▆▇█"), text  # a second with hits
+
+    # A small pool, so the cached prefix is a visible share of it.
+    with Engine(EngineConfig(max_total_tokens=2048)) as engine:
+        app = ConsoleApp(engine=engine)
+        asyncio.run(run())
+        wait_idle(engine)
+        engine.check_integrity()
 
 
 def test_cancel_from_the_table_aborts_the_request_and_frees_its_pages(engine: Engine) -> None:

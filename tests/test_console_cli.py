@@ -33,6 +33,11 @@ def test_export_turns_a_recording_into_csvs_pandas_can_read(tmp_path: Path) -> N
     for row in steps[:5]:
         assert dt.datetime.fromisoformat(row["time"]).tzinfo is not None
         assert row["cuda_graph"] in ("True", "False") and int(row["batch_size"]) >= 1
+    # The recording predates the prefix-cache columns: they are there, zero-filled.
+    assert all(
+        (row["kv_pages_cached"], row["cached_tokens"], row["admitted_tokens"]) == ("0", "0", "0")
+        for row in steps
+    )
 
 
 @pytest.mark.parametrize(

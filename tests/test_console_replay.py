@@ -6,13 +6,20 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from llmconsole.console.app import ConsoleApp
-from llmconsole.console.recording import LiveSnapshot, RecordingError, read_recording
+from llmconsole.console.recording import (
+    LiveSnapshot,
+    RecordingError,
+    decode,
+    encode,
+    read_recording,
+)
 from llmconsole.console.session import ConsoleOptions
 from llmconsole.console.sources import ReplaySource
 from llmconsole.console.state import ConsoleModel
@@ -145,6 +152,44 @@ def test_model_buckets_seconds_and_counts_failures() -> None:
     assert changes.requests and [e.kind for e in changes.events] == ["export"]
     assert (model.finished_ok, model.finished_failed) == (1, 1)
     assert len(model.session) == 6
+
+
+def test_model_charts_the_prefix_hit_rate_per_second_and_over_ten_seconds() -> None:
+    model = ConsoleModel(chart_seconds=30)
+    base = StepRecord(0, 0.0, "prefill", 1, 8, 1, False, 0, 0.01, 0, 1, 9, 99, kv_pages_cached=5)
+
+    def step(t: float, cached: int, admitted: int, kind: str = "prefill") -> StepRecord:
+        return replace(base, time=t, kind=kind, cached_tokens=cached, admitted_tokens=admitted)
+
+    assert model.prefix_hit_rate(100.0) is None and model.kv_usage() == (0, 0, 0)
+    # second 100: a miss and a hit on the same prefix; 101: decode only; 104: a full hit
+    model.apply([step(100.1, 0, 40), step(100.6, 30, 40), step(101.2, 0, 0, "decode")])
+    model.apply([step(104.5, 39, 40)])
+    assert model.hit_rate_series(now=104.9, seconds=6) == [None, 30 / 80, None, None, None, 39 / 40]
+    assert model.prefix_hit_rate(104.9) == (30 + 39) / (80 + 40)  # tokens, not a mean of rates
+    assert model.prefix_hit_rate(109.9) == (30 + 39) / (80 + 40)  # seconds 100-109
+    assert model.prefix_hit_rate(110.0) == 39 / 40  # second 100 has left the window
+    assert model.prefix_hit_rate(115.0) is None
+    assert model.kv_usage() == (9, 5, 99)
+
+
+def test_recordings_from_before_the_prefix_cache_fields_still_load() -> None:
+    """The committed recording predates kv_pages_cached / cached_tokens / admitted_tokens: its
+    steps load with zeros; a new step keeps them through a recording's encode and decode."""
+    lines = [json.loads(line) for line in RECORDING.read_text(encoding="utf-8").splitlines()]
+    assert not any("kv_pages_cached" in obj for obj in lines if obj["type"] == "step")
+    steps = [r for r in read_recording(RECORDING).records() if isinstance(r, StepRecord)]
+    assert steps and all(
+        (s.kv_pages_cached, s.cached_tokens, s.admitted_tokens) == (0, 0, 0) for s in steps
+    )
+    new = replace(
+        steps[0],
+        accepted_per_position=(1, 0),
+        kv_pages_cached=12,
+        cached_tokens=24,
+        admitted_tokens=54,
+    )
+    assert decode(json.loads(json.dumps(encode(new)))) == new
 
 
 def test_the_gpu_recording_shows_graphs_up_to_max_bs_then_eager() -> None:

@@ -14,7 +14,7 @@ from llmconsole.core.kv_cache import PageAllocator
 from llmconsole.core.prefix_cache import PrefixCache
 from llmconsole.core.request import Request
 from llmconsole.core.sampling_params import SamplingParams
-from llmconsole.core.scheduler import SHARE_MIN_TOKENS, Scheduler
+from llmconsole.core.scheduler import SHARE_MIN_TOKENS, DraftKV, Scheduler
 from llmconsole.core.telemetry import RequestRecord, StepRecord, of_type
 
 
@@ -203,6 +203,47 @@ def test_a_retracted_request_resumes_from_its_cached_kv() -> None:
     (resume,) = [c for batch in batches for c in batch.chunks if c.req is b and c.cached]
     assert (resume.start, resume.end) == (23, 24)  # its 23 computed tokens, then on
     assert b.num_cached_tokens == 0  # usage counts the first admission's hits only
+    sched.check_integrity()
+
+
+@pytest.mark.parametrize(
+    ("draft_kv", "page_size", "start"),
+    [
+        (DraftKV.TOKENS, 1, 21),  # a draft model: its KV at i depends on tokens [0, i]
+        (DraftKV.NEXT_TOKEN, 1, 20),  # an EAGLE head: on token i + 1 too, one page back
+        (DraftKV.NEXT_TOKEN, 4, 16),  # pages of four: 5 cached (20 tokens), one back
+    ],
+)
+def test_a_drafter_s_kv_is_cached_only_where_it_was_computed(
+    draft_kv: DraftKV, page_size: int, start: int
+) -> None:
+    """A speculative drafter keeps its KV in the request's pages: a finished request caches
+    only the pages whose drafter KV was final too (its draft_computed, here 21 of its 30
+    computed positions), and a request that matches them starts its drafter there. An EAGLE
+    head's KV at a position also saw the token after it, so the prefix's last page is computed
+    again, past which the cached head KV saw the same tokens as the new request."""
+    sched = cached_scheduler(page_size=page_size)
+    sched.draft_kv = draft_kv
+    first = chat(5, [1, 2, 3, 4, 5, 6], max_new=2)  # 30 prompt tokens
+    sched.add(first)
+    batch = sched.schedule()
+    assert batch is not None and first.draft_computed == 0  # nothing cached yet
+    run_step(sched, batch, [])
+    first.draft_computed = 21  # the drafter trails the target
+    finished, _ = drain(sched)
+    assert finished == [first]
+    assert sched.pages_cached == 21 // page_size  # not the 31 computed positions' pages
+    second = chat(5, [1, 2, 3, 4, 5, 9, 9, 9])
+    sched.add(second)
+    batch = sched.schedule()
+    assert batch is not None
+    (chunk,) = batch.chunks
+    assert chunk.cached == chunk.start == start
+    assert second.draft_computed == start and second.num_shared_pages == start // page_size
+    sched.check_integrity()
+    run_step(sched, batch, [])
+    drain(sched)
+    assert sched.pages_in_use == 0
     sched.check_integrity()
 
 

@@ -76,8 +76,8 @@ def test_each_flag_costs_what_it_needs(changes: dict, mode: str) -> None:
         ({"attention_backend": "triton", "context_length": 4096}, True),
         ({"speculative_algorithm": "ngram"}, True),  # ngram keeps the prefix cache on too
         ({"page_size": 4}, False),
-        # Requests may read the prefix cache's pages: turning it off means a new pool, and so
-        # does an eagle head (which turns the cache off). Turning it on: below.
+        # Requests may read the prefix cache's pages: turning it off means a new pool.
+        # Turning it on: below. A new EAGLE head's pool shares the KV budget, as a draft's.
         ({"disable_radix_cache": True}, False),
         ({"speculative_algorithm": "eagle", "speculative_draft_model_path": "h"}, False),
         ({"dtype": "bfloat16"}, False),

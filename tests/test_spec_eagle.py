@@ -420,3 +420,53 @@ def test_running_requests_keep_drafting_across_a_restart_that_keeps_the_head(
     assert len(in_flight) > 10, "the requests in flight stopped drafting after the restart"
     # A tree now (topk 2): its first token is the best candidate, the last token again.
     assert all(d[0] == t for last, drafts in calls for t, d in zip(last, drafts, strict=True) if d)
+
+
+SYSTEM = {
+    "role": "system",
+    "content": "You are a careful assistant at a workshop on serving language models. "
+    "Answer briefly, plainly and without lists.",
+}
+
+
+@pytest.mark.parametrize("topk", [1, 2])
+def test_heads_draft_from_cached_prefixes_as_from_computed_ones(
+    topk: int, tmp_path: Path, engine: Engine
+) -> None:
+    """The radix cache stays on under EAGLE (SGLang's default): the head's KV sits in the
+    target's pages, so a request whose prompt starts with a cached prefix reads the head's KV
+    there too, and computes the prefix's last page again (the head's KV at a position also saw
+    the token after it). Its drafts are then the ones it drafts with nothing cached, and the
+    output stays the target's."""
+    first, second = (
+        engine.apply_chat_template([SYSTEM, {"role": "user", "content": q}])
+        for q in ("What is the capital of France?", "Name three colors of the rainbow.")
+    )
+    expected = [r.token_ids for r in engine.generate([first, second], greedy(24))]
+    # Large random weights: the head's attention, so its KV, weighs in every draft.
+    head = save_eagle_head(tmp_path / "head", engine.loaded.model_config, 1, std=0.3)
+    drafts: dict[bool, list[tuple[list[int], list[list[int]]]]] = {}
+    for cached in (True, False):
+        cfg = EngineConfig(
+            speculative_algorithm="eagle",
+            speculative_draft_model_path=str(head),
+            speculative_num_steps=3,
+            speculative_eagle_topk=topk,
+            speculative_num_draft_tokens=4 if topk == 1 else 6,
+            disable_radix_cache=not cached,
+        )
+        with Engine(cfg) as eng:
+            assert eng.config.prefix_cache is cached
+            a = eng.generate([first], greedy(24))[0]
+            calls = _spy_on_drafts(eng)
+            b = eng.generate([second], greedy(24))[0]
+            assert [a.token_ids, b.token_ids] == expected
+            assert b.usage is not None
+            if cached:  # the template's system turn, less the page (one token) computed again
+                common = next(i for i in range(len(first)) if first[i] != second[i])
+                assert common > 20 and b.usage.cached_tokens == common - 1
+            drafts[cached] = calls
+            wait_idle(eng)
+            eng.check_integrity()
+    assert sum(len(d) for _, ds in drafts[True] for d in ds) >= 20  # it kept drafting
+    assert drafts[True] == drafts[False]

@@ -303,3 +303,40 @@ def test_gpu_draft_model_drafting_for_itself() -> None:
     drafted = sum(s.drafted_tokens for s in steps)
     assert drafted > 0 and sum(s.accepted_tokens for s in steps) / drafted > 0.8
     assert any(s.cuda_graph for s in steps)
+
+
+def test_a_draft_model_finds_its_own_kv_in_cached_prefixes(engine: Engine) -> None:
+    """The radix cache stays on with a draft model (SGLang's default): the draft's KV lives in
+    the target's pages, so a request whose prompt starts with a cached prefix finds the draft's
+    KV there too and drafts from it. The default model drafting for itself accepts nearly all
+    its drafts only if that KV is right."""
+    from llmconsole.core.models.source import default_model_path
+
+    system = {"role": "system", "content": "You are a terse assistant. Answer in one sentence."}
+    questions = ["What is the capital of France?", "Why is the sky blue?", "What is a GPU?"]
+    prompts = [
+        engine.apply_chat_template([system, {"role": "user", "content": q}]) for q in questions
+    ]
+    expected = [r.token_ids for r in engine.generate(prompts, greedy(24))]
+    cfg = EngineConfig(
+        speculative_algorithm="draft",
+        speculative_draft_model_path=str(default_model_path()),
+        speculative_num_steps=3,
+    )
+    with Engine(cfg) as eng:
+        assert eng.config.prefix_cache
+        first = eng.generate(prompts[:1], greedy(24))[0]
+        since = len(of_type(eng.telemetry.snapshot(), StepRecord))
+        rest = [eng.generate([p], greedy(24))[0] for p in prompts[1:2]]
+        # A restart that keeps the KV keeps the same draft model's pool, and with it the
+        # draft's KV in the cache.
+        assert eng.restart({"speculative_num_steps": 2}).kv_kept
+        rest += [eng.generate([p], greedy(24))[0] for p in prompts[2:]]
+        steps = _spec_records(eng, since)
+        wait_idle(eng)
+        eng.check_integrity()
+    assert [r.token_ids for r in [first, *rest]] == expected
+    assert all(r.usage is not None and r.usage.cached_tokens >= 20 for r in rest)
+    drafted = sum(s.drafted_tokens for s in steps)
+    accepted = sum(s.accepted_tokens for s in steps)
+    assert drafted > 20 and accepted / drafted > 0.9

@@ -45,6 +45,8 @@ def describe_step(step: StepRecord) -> str:
         f"{step.duration_s * 1000:.1f} ms",
         f"queue {step.queue_len}",
     ]
+    if step.cached_tokens:  # prompt tokens its new requests read from the prefix cache
+        parts.append(f"cached {step.cached_tokens}")
     if step.drafted_tokens:
         parts.append(f"accepted {step.accepted_tokens}/{step.drafted_tokens}")
     if step.retracted:

@@ -71,8 +71,13 @@ class DraftModel:
         attention_backend: str,
         max_running_requests: int,
         max_request_tokens: int,
+        pool: KVPool | None = None,
     ) -> None:
+        """`pool`: the KV of a DraftModel this one replaces (same weights, same target pool);
+        its requests keep their draft KV, and `adopt` gives them their rows."""
         self.loaded = loaded
+        self.key: object = None  # what chose the weights (speculator.draft_key), set on build
+        self.target_pool = target_pool
         self.pool, self.runner = shadow_runner(
             loaded.model,
             loaded.model_config,
@@ -81,11 +86,17 @@ class DraftModel:
             attention_backend,
             max_running_requests,
             max_request_tokens,
+            pool=pool,
         )
 
-    def release(self) -> None:
+    def release(self, keep_pool: bool = False) -> None:
         self.runner.release()
-        self.pool.release()
+        if not keep_pool:
+            self.pool.release()
+
+    def adopt(self, reqs: list[Request]) -> None:
+        """Slot-table rows for requests whose draft KV [0, draft_computed) is in the pool."""
+        self.runner.adopt(reqs, [r.draft_computed for r in reqs])
 
     @torch.inference_mode()
     def propose(

@@ -16,7 +16,7 @@ from ..kv_cache import KVPool
 from ..model_loader import LoadedModel, gpu_memory_gb, load_model
 from ..request import Request
 from ..runner import ModelRunner, VerifyOutput
-from ..scheduler import ScheduledBatch, Scheduler
+from ..scheduler import DraftKV, ScheduledBatch, Scheduler
 from .chain_verify import verify_chain
 from .draft import DraftModel
 from .eagle import EagleDraft
@@ -105,6 +105,22 @@ class Speculator:
         self.num_steps = config.speculative_num_steps or 1
         self.draft = draft
 
+    @property
+    def draft_kv(self) -> DraftKV:
+        """What the drafter keeps in the target's pages (see scheduler.DraftKV)."""
+        if isinstance(self.draft, EagleDraft):
+            return DraftKV.NEXT_TOKEN
+        return DraftKV.TOKENS if self.draft is not None else DraftKV.NONE
+
+    def adopt_cached(self, batch: ScheduledBatch) -> None:
+        """Drafter slot-table rows for the prefixes this batch's new requests found in the
+        prefix cache: their pages hold the drafter's KV too (up to `draft_computed`)."""
+        if self.draft is None:
+            return
+        admitted = [c.req for c in batch.chunks if c.cached]
+        if admitted:
+            self.draft.adopt(admitted)
+
     def capture_cuda_graphs(self, max_requests: int) -> None:
         """Decode graphs for an EAGLE head's draft steps (other proposers have none)."""
         if isinstance(self.draft, EagleDraft):
@@ -125,26 +141,25 @@ class Speculator:
         # Bounded memory: a long prefill chunk, or passes that could not draft (a short pool).
         self.draft.absorb([c.req for c in batch.chunks], self.max_drafts + 1)
 
-    def release(self, keep_head_pool: bool = False) -> None:
-        if isinstance(self.draft, EagleDraft):
-            self.draft.release(keep_pool=keep_head_pool)
-        elif self.draft is not None:
-            self.draft.release()
+    def release(self, keep_draft_pool: bool = False) -> None:
+        if self.draft is not None:
+            self.draft.release(keep_pool=keep_draft_pool)
 
     def adopt(self, running: list[Request]) -> None:
-        """Rows in a kept EAGLE head pool for the running requests (see keepable_head_pool)."""
-        if isinstance(self.draft, EagleDraft):
+        """Rows in a kept drafter pool for the running requests (see keepable_draft_pool)."""
+        if self.draft is not None:
             self.draft.adopt(running)
 
-    def keepable_head_pool(
+    def keepable_draft_pool(
         self, config: EngineConfig, target: LoadedModel, pool: KVPool
     ) -> KVPool | None:
-        """The EAGLE head's KV pool when `config` asks for the same head over the same target
-        pool (a restart that keeps the KV): running requests then keep drafting. Else None."""
+        """The drafter's KV pool when `config` asks for the same drafter (the same draft model
+        or EAGLE head) over the same target pool (a restart that keeps the KV): running
+        requests then keep drafting, and cached prefixes keep their drafter KV. Else None."""
         draft = self.draft
-        if not isinstance(draft, EagleDraft) or draft.target_pool is not pool:
+        if draft is None or draft.target_pool is not pool:
             return None
-        if config.speculative_algorithm not in EAGLE or draft.key != eagle_key(config, target):
+        if draft.key != draft_key(config, target):
             return None
         return draft.pool
 
@@ -202,28 +217,35 @@ def load_draft(
     """The drafter's weights for `config` (a draft model or an EAGLE head; None for n-gram or
     no speculation), reusing `cache` when the same one is asked for again. Loaded before the
     target's KV pool is sized, so GPU pool sizing sees the memory they take."""
+    key = draft_key(config, target)
+    if key is None:
+        return None
+    if cache is not None and cache[0] == key:
+        return cache
+    if isinstance(key, EngineConfig):
+        loaded = load_model(key)
+        _check_draft_matches(target, loaded)
+        return key, loaded
+    head = load_eagle_head(config, target)
+    head.key = key
+    return key, head
+
+
+def draft_key(config: EngineConfig, target: LoadedModel) -> Hashable | None:
+    """What decides the drafter's weights (None: no drafter with weights): the same key, the
+    same weights. A draft model's is its own resolved config."""
     algorithm = config.speculative_algorithm
     if algorithm in EAGLE:
-        key = eagle_key(config, target)
-        if cache is not None and cache[0] == key:
-            return cache
-        head = load_eagle_head(config, target)
-        head.key = key
-        return key, head
+        return eagle_key(config, target)
     if algorithm != "draft":
         return None
-    draft_cfg = EngineConfig(
+    return EngineConfig(
         model=config.speculative_draft_model_path,
         load_format="dummy" if config.load_format == "dummy" else "auto",
         device=config.device,
         dtype=config.dtype,
         seed=config.seed,
     ).resolve(target.device.type, gpu_memory_gb(target.device))
-    if cache is not None and cache[0] == draft_cfg:
-        return cache
-    loaded = load_model(draft_cfg)
-    _check_draft_matches(target, loaded)
-    return draft_cfg, loaded
 
 
 def eagle_key(config: EngineConfig, target: LoadedModel) -> Hashable:
@@ -277,11 +299,11 @@ def build_speculator(
     pool: KVPool,
     max_request_tokens: int,
     cache: DraftCache | None,
-    head_pool: KVPool | None = None,
+    draft_pool: KVPool | None = None,
 ) -> Speculator | None:
     """The speculator for `config` (None when speculation is off); `cache` holds the drafter's
     weights (`load_draft`). Sets which features the target's passes capture (EAGLE's).
-    `head_pool`: an EAGLE head's KV pool to keep (the same head over the same target pool)."""
+    `draft_pool`: the drafter's KV pool to keep (the same drafter over the same target pool)."""
     algorithm = config.speculative_algorithm
     weights = None if cache is None else cache[1]
     target.model.capture_features(
@@ -297,9 +319,10 @@ def build_speculator(
     slots = config.max_running_requests or 1
     if isinstance(weights, EagleHead):
         topk = config.speculative_eagle_topk or 1
-        eagle = EagleDraft(weights, pool, backend, slots, max_request_tokens, topk, head_pool)
+        eagle = EagleDraft(weights, pool, backend, slots, max_request_tokens, topk, draft_pool)
         return Speculator(config, eagle)
-    draft = DraftModel(weights, pool, backend, slots, max_request_tokens)
+    draft = DraftModel(weights, pool, backend, slots, max_request_tokens, draft_pool)
+    draft.key = cache[0]  # type: ignore[index]
     return Speculator(config, draft)
 
 
