@@ -427,7 +427,7 @@ class Engine(StepResultsMixin, HotRestartMixin):
             "queued": len(self.scheduler.waiting),
             "kv_pages_used": self.scheduler.pages_in_use,
             "kv_pages_total": self.allocator.num_usable,
-            "kv_pages_cached": self.scheduler.pages_reclaimable,  # beside kv_pages_used
+            "kv_pages_cached": self.scheduler.pages_cached,
             "page_size": self.pool.page_size,
         }
 
@@ -515,6 +515,9 @@ class Engine(StepResultsMixin, HotRestartMixin):
                 continue
             if out.features and self.spec is not None:
                 self.spec.record(batch, out.features)  # what an EAGLE head drafts from next
+            cached = self.scheduler.prefix_cache is not None
+            if batch.kind == "prefill" and self.spec is not None and cached:
+                self.spec.catch_up(batch)  # the draft model's KV of the prompt, to share
             if isinstance(out, VerifyOutput):
                 generated = self._process_verify(batch, out)
                 self._record_step(

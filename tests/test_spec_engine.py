@@ -340,3 +340,12 @@ def test_a_draft_model_finds_its_own_kv_in_cached_prefixes(engine: Engine) -> No
     drafted = sum(s.drafted_tokens for s in steps)
     accepted = sum(s.accepted_tokens for s in steps)
     assert drafted > 20 and accepted / drafted > 0.9
+    # Arriving together: the first computes the shared system turn (the draft model catches up
+    # over it right after the prefill pass), the others wait one step and read it.
+    with Engine(cfg) as eng:
+        together = eng.generate(prompts, greedy(24))
+        wait_idle(eng)
+        eng.check_integrity()
+    assert [r.token_ids for r in together] == expected
+    cached = [r.usage.cached_tokens if r.usage else 0 for r in together]
+    assert cached[0] == 0 and all(c >= 20 for c in cached[1:]), cached

@@ -103,7 +103,7 @@ class EngineMetrics:
         self.num_used_tokens = gauge("num_used_tokens", "KV cache slots in use (pages x size).")
         self.token_usage = gauge("token_usage", "Fraction of usable KV pages in use, 0..1.")
         self.num_cached_tokens = gauge(
-            "num_cached_tokens", "KV slots the prefix cache holds (reclaimable: not in use)."
+            "num_cached_tokens", "KV slots the prefix cache holds (running requests may read some)."
         )
         self.cache_hit_rate = gauge(
             "cache_hit_rate",

@@ -99,6 +99,18 @@ class DraftModel:
         self.runner.adopt(reqs, [r.draft_computed for r in reqs])
 
     @torch.inference_mode()
+    def absorb(self, spans: list[tuple[Request, int]]) -> None:
+        """Catch each (request, end) up to `end`: the draft's KV of positions
+        [draft_computed, end), whose tokens the target has just computed."""
+        items = [(r, r.token_ids(r.draft_computed, end), r.draft_computed) for r, end in spans]
+        items = [item for item in items if item[1]]
+        if not items:
+            return
+        self.runner.run_tokens(items, [len(tokens) - 1 for _, tokens, _ in items])
+        for req, tokens, start in items:
+            req.draft_computed = start + len(tokens)
+
+    @torch.inference_mode()
     def propose(
         self, reqs: list[Request], counts: list[int]
     ) -> tuple[list[list[int]], dict[int, torch.Tensor]]:

@@ -121,6 +121,14 @@ class Speculator:
         if admitted:
             self.draft.adopt(admitted)
 
+    def catch_up(self, batch: ScheduledBatch) -> None:
+        """After a prefill pass: a draft model runs over the positions the target just
+        computed, so that they enter the prefix cache with its KV and requests admitted while
+        they run read them (Scheduler._share); it would otherwise catch up only at each
+        request's first proposal. (An EAGLE head does this in `record`.)"""
+        if isinstance(self.draft, DraftModel):
+            self.draft.absorb([(c.req, c.end) for c in batch.chunks if not _penalised(c.req)])
+
     def capture_cuda_graphs(self, max_requests: int) -> None:
         """Decode graphs for an EAGLE head's draft steps (other proposers have none)."""
         if isinstance(self.draft, EagleDraft):
