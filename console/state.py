@@ -94,6 +94,7 @@ class ConsoleModel:
         self.finished_ok = 0
         self.finished_failed = 0
         self.last_step: StepRecord | None = None
+        self._flushed = False  # a prefix-cache flush since the last step: nothing reclaimable
         # step_id of the first step after each hot restart -> the restart's message
         self.restart_steps: dict[int, str] = {}
         self._restart_pending: str | None = None
@@ -123,6 +124,8 @@ class ConsoleModel:
 
     def _add_event(self, event: EngineEvent) -> None:
         self.events.append(event)
+        if event.kind == "cache_flush":
+            self._flushed = True
         if event.kind == "restart_begin":
             self._restart_pending = event.message
         elif event.data.get("restart_rejected"):
@@ -145,6 +148,7 @@ class ConsoleModel:
             self._restart_pending = None
         self.steps.append(step)
         self.last_step = step
+        self._flushed = False
         self.total_steps += 1
         self.total_generated += step.num_generated
         if step.kind == "verify":
@@ -196,7 +200,9 @@ class ConsoleModel:
         step = self.last_step
         if step is None:
             return 0, 0, 0
-        return step.kv_pages_used, step.kv_pages_cached, step.kv_pages_total
+        # A flush frees every page the cache holds alone, and there may be no step after it.
+        cached = 0 if self._flushed else step.kv_pages_cached
+        return step.kv_pages_used, cached, step.kv_pages_total
 
     def hit_rate_series(self, now: float, seconds: int) -> list[float | None]:
         """The prefix-cache hit rate of each of the last `seconds` seconds, oldest first, the

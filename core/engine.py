@@ -652,7 +652,10 @@ class Engine(StepResultsMixin, HotRestartMixin):
             elif isinstance(command, RestartCommand):
                 self._apply_restart(command)
             elif isinstance(command, _FlushCache):
-                command.done.set_result(self.scheduler.flush_cache())
+                freed = self.scheduler.flush_cache()
+                message = f"prefix cache flushed: {freed} pages freed"
+                self._event("cache_flush", message, {"freed": freed})
+                command.done.set_result(freed)
             try:
                 command = self._inbox.get_nowait()
             except queue.Empty:

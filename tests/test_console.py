@@ -121,6 +121,13 @@ def test_gauges_show_the_prefix_cache_and_its_hit_rate() -> None:
             assert 30 <= hit < 100, text  # the first request missed, the others read the prefix
             assert re.search(r"\+[1-9]\d*% cached", text), text
             assert any(spark in text for spark in "▂▃▄▅▆▇█"), text  # a second with hits
+            # A flush (here the engine's own; /flush_cache is the same) frees those pages with
+            # no step after it: the gauge and the event log say so at once.
+            freed = await asyncio.to_thread(engine.flush_cache)
+            assert freed > 0
+            await until(pilot, lambda: "+0% cached" in gauges())
+            flushes = [e.data["freed"] for e in app.model.events if e.kind == "cache_flush"]
+            assert flushes == [freed]
 
     # A small pool, so the cached prefix is a visible share of it.
     with Engine(EngineConfig(max_total_tokens=2048)) as engine:
