@@ -5,15 +5,17 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 import pytest
-from engine_utils import wait_idle
+from engine_utils import wait_idle, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 from llmconsole.core import Engine
 from llmconsole.core.server import ApiServer
+from llmconsole.core.telemetry import EngineEvent, of_type
 
 
 @pytest.fixture(scope="module")
@@ -329,6 +331,42 @@ def test_usage_reports_cached_prompt_tokens_and_flush_cache_drops_them(
     assert httpx.get(server.url + "/flush_cache", timeout=30).json()["freed_pages"] == 0
     third = chat_text(client, engine, max_tokens=4, temperature=0)
     assert third.usage.prompt_tokens_details.cached_tokens == 0
+
+
+def test_a_flush_behind_a_busy_engine_answers_504_and_still_runs(
+    server, client, engine, monkeypatch
+) -> None:
+    """The engine thread takes a flush between two steps. When it is held up longer than the
+    route waits, the caller hears why (504), and the flush runs once the engine is free."""
+    from llmconsole.core.server import app as app_module
+
+    wait_idle(engine)
+    engine.flush_cache()
+    chat_text(client, engine, max_tokens=2, temperature=0)  # something to flush
+    wait_idle(engine)
+
+    def flushes() -> int:
+        events = of_type(engine.telemetry.snapshot(), EngineEvent)
+        return sum(e.kind == "cache_flush" for e in events)
+
+    before = flushes()
+    release = threading.Event()
+    engine.fault_hook = lambda req: release.wait(30)  # the next token holds the engine thread
+    monkeypatch.setattr(app_module, "FLUSH_TIMEOUT_S", 0.3)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            busy = pool.submit(chat_text, client, engine, max_tokens=2, temperature=0)
+            assert wait_until(lambda: engine.stats()["running"] == 1)
+            _assert_error(httpx.post(server.url + "/flush_cache", timeout=30), 504, "queued")
+            assert flushes() == before  # not yet
+            release.set()
+            busy.result(30)
+    finally:
+        engine.fault_hook = None
+        release.set()
+    wait_idle(engine)
+    assert flushes() == before + 1  # the queued flush ran once the engine was free
+    assert httpx.post(server.url + "/flush_cache", timeout=30).status_code == 200
 
 
 def test_api_key_is_enforced(engine) -> None:

@@ -16,6 +16,9 @@ from .context import ServerContext
 from .errors import APIError, BodySizeLimit, check_api_key, install_error_handlers
 from .schemas import ChatCompletionRequest, CompletionRequest, now
 
+# How long /flush_cache waits for the engine thread to take the flush (between two steps).
+FLUSH_TIMEOUT_S = 30.0
+
 
 def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
     ctx = ServerContext(engine, api_key)
@@ -70,9 +73,15 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
     def flush_cache() -> dict[str, Any]:
         """SGLang's /flush_cache: drop the prefix cache's pages that no running request reads."""
         try:
-            freed = engine.flush_cache()
+            freed = engine.flush_cache(FLUSH_TIMEOUT_S)
         except EngineStoppedError as exc:
             raise APIError(503, str(exc), "server_error", code="engine_stopped") from None
+        except FutureTimeout:
+            message = (
+                f"the engine did not take the flush within {FLUSH_TIMEOUT_S:g} s (a restart or "
+                "a long step runs); it stays queued and runs once the engine is free"
+            )
+            raise APIError(504, message, "server_error", code="engine_busy") from None
         return {"freed_pages": freed, "page_size": engine.stats()["page_size"]}
 
     @app.post("/v1/completions", dependencies=v1)
