@@ -12,12 +12,16 @@ import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
 
 from llmconsole.core.attention import AttentionInputs, TorchAttention, make_backend
 from llmconsole.core.kv_cache import KVPool, KVPoolSpec
+
+if TYPE_CHECKING:
+    from llmconsole.core.models.llama import MLP
 
 # ---- shared builders ---------------------------------------------------------------------------
 
@@ -507,6 +511,28 @@ def cuda() -> Iterator[torch.device]:
     yield torch.device("cuda")
 
 
+def random_mlp(cuda: torch.device, hidden: int, intermediate: int) -> MLP:
+    """A Llama MLP in bf16 on the GPU with our kernels, weights ~N(0, 0.02)."""
+    import transformers
+
+    from llmconsole.core.models.config import ModelConfig
+    from llmconsole.core.models.llama import MLP, Kernels
+
+    hf = transformers.LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        num_hidden_layers=1,
+        vocab_size=512,
+    )
+    with torch.device(cuda):
+        mlp = MLP(ModelConfig.from_hf(hf), torch.bfloat16, Kernels.for_device(cuda))
+    mlp.gate_up_proj.weight.normal_(0, 0.02)
+    mlp.down_proj.weight.normal_(0, 0.02)
+    return mlp
+
+
 @pytest.mark.gpu
 def test_gpu_norm_and_activation(cuda: torch.device) -> None:
     from llmconsole.kernels import activation, norm
@@ -596,8 +622,6 @@ def test_gpu_skinny_gate_up_silu_mul_matches_the_unfused_path_in_a_graph(
     """Batched decode's MLP: gate_up with SiLU-and-mul in the epilogue equals the gate_up
     product followed by the SiLU-and-mul kernel, launched plainly and from a graph, and the
     model's MLP takes it only while capturing."""
-    from llmconsole.core.models.config import ModelConfig
-    from llmconsole.core.models.llama import MLP, Kernels
     from llmconsole.kernels import activation
     from llmconsole.kernels import skinny_gemm as sg
 
@@ -614,22 +638,7 @@ def test_gpu_skinny_gate_up_silu_mul_matches_the_unfused_path_in_a_graph(
             sg.skinny_gemm_silu_mul(x, w, out=out)
         graph.replay()
         torch.testing.assert_close(out, got, rtol=0, atol=0)
-    import transformers
-
-    hf = transformers.LlamaConfig(
-        hidden_size=256,
-        intermediate_size=8192,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        num_hidden_layers=1,
-        vocab_size=512,
-    )
-    config = ModelConfig.from_hf(hf)
-    kernels = Kernels.for_device(cuda)
-    with torch.device(cuda):
-        mlp = MLP(config, torch.bfloat16, kernels)
-    mlp.gate_up_proj.weight.normal_(0, 0.02)
-    mlp.down_proj.weight.normal_(0, 0.02)
+    mlp = random_mlp(cuda, 256, 8192)
     x = torch.randn(16, 256, device=cuda, dtype=torch.bfloat16)
     eager = mlp.forward(x)  # cuBLAS + the SiLU-and-mul kernel
     out = torch.empty_like(eager)
@@ -650,27 +659,12 @@ def test_gpu_mlp_down_slices_summed_in_the_next_norm_match_the_plain_path(
     """Batched decode in a graph: the MLP's down projection (two K slices at 48 rows) hands its
     slices to the next residual-add RMSNorm unsummed; the normed output and the residual stream
     are bitwise those of summing first. At 24 rows (four slices) it sums them itself."""
-    import transformers
-
-    from llmconsole.core.models.config import ModelConfig
-    from llmconsole.core.models.llama import MLP, Kernels, RMSNorm
+    from llmconsole.core.models.llama import Kernels, RMSNorm
     from llmconsole.kernels import skinny_gemm as sg
 
-    hf = transformers.LlamaConfig(
-        hidden_size=4096,
-        intermediate_size=8192,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        num_hidden_layers=1,
-        vocab_size=512,
-    )
-    config = ModelConfig.from_hf(hf)
-    kernels = Kernels.for_device(cuda)
+    mlp = random_mlp(cuda, 4096, 8192)
     with torch.device(cuda):
-        mlp = MLP(config, torch.bfloat16, kernels)
-        norm = RMSNorm(4096, 1e-5, torch.bfloat16, kernels)
-    mlp.gate_up_proj.weight.normal_(0, 0.02)
-    mlp.down_proj.weight.normal_(0, 0.02)
+        norm = RMSNorm(4096, 1e-5, torch.bfloat16, Kernels.for_device(cuda))
     norm.weight.normal_(1, 0.1)
 
     def run(rows: int, defer: bool) -> tuple[torch.Tensor, torch.Tensor, bool]:
