@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(
 
 _CHECK = textwrap.dedent(
     """
-    import json, os, time
+    import json, os, threading, time
     import torch
     from llmconsole.core import Engine, EngineConfig, SamplingParams
     from llmconsole.core.cpu_threads import release_omp_workers
@@ -42,11 +42,27 @@ _CHECK = textwrap.dedent(
     parallel_op()
     caller_spawned = threads() - before  # 1: no parked worker was left to reuse
     release_omp_workers()
-    idle = threads()
-    seen = idle
+    # Threads are counted every millisecond from a sampler thread of its own: sampling only as
+    # deltas arrive can miss a team that comes and goes between two bursts of them.
+    done = threading.Event()
+    seen = [0]
+
+    def sample():
+        while not done.is_set():
+            seen[0] = max(seen[0], threads())
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    time.sleep(0.05)
+    idle_with_sampler = threads()
     params = SamplingParams(max_tokens=16, ignore_eos=True, temperature=0.0)
     for _ in engine.submit([1, 2, 3, 4, 5, 6], params):
-        seen = max(seen, threads())
+        pass
+    done.set()
+    sampler.join()
+    seen = seen[0] - 1  # without the sampler
+    idle = idle_with_sampler - 1
     deadline = time.monotonic() + 10
     while threads() != idle and time.monotonic() < deadline:
         time.sleep(0.01)
