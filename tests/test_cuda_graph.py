@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from engine_utils import save_random_llama
+from graph_utils import decode_both_ways
 
 from llmconsole.core import Engine, EngineConfig, SamplingParams
 from llmconsole.core.cuda_graph import (
@@ -18,8 +19,6 @@ from llmconsole.core.cuda_graph import (
     padded_batch_size,
 )
 from llmconsole.core.request import Request, RequestState
-from llmconsole.core.runner import ModelRunner
-from llmconsole.core.scheduler import ScheduledBatch, Scheduler
 from llmconsole.core.slot_table import DUMMY_ROW, SlotTable
 from llmconsole.core.telemetry import EngineEvent, StepRecord, of_type
 
@@ -121,19 +120,6 @@ def _prompts(count: int, seed: int = 0) -> list[list[int]]:
     return [torch.randint(0, 512, (n,), generator=gen).tolist() for n in lengths]
 
 
-def _prefill(runner: ModelRunner, scheduler: Scheduler) -> ScheduledBatch | None:
-    """Run prefill steps until the scheduler offers a decode batch; return that batch."""
-    step = scheduler.schedule()
-    while step is not None and step.kind == "prefill":
-        out = runner.forward(step)
-        for chunk, token in zip(step.chunks, out.tokens, strict=True):
-            chunk.req.num_computed = chunk.end
-            if token is not None:
-                chunk.req.output_ids.append(token)
-        step = scheduler.schedule()
-    return step
-
-
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("batch", [1, 3, 8, 11, 16, 19])
@@ -143,31 +129,9 @@ def test_gpu_replay_equals_eager_logits_in_every_bucket(graph_engine: Engine, ba
     bucket the "graph" step runs eager and says so."""
     runner = graph_engine.runner
     assert runner.graphs is not None and runner.graphs.batch_sizes == (1, 2, 4, 8, 16)
-    scheduler = Scheduler(graph_engine.allocator, graph_engine.pool.page_size, 64, 8192)
-    reqs = [
-        Request(f"g{batch}-{i}", p, SamplingParams(max_tokens=8, temperature=0), 8)
-        for i, p in enumerate(_prompts(batch, seed=batch))
-    ]
-    for req in reqs:
-        scheduler.add(req)
-    step = _prefill(runner, scheduler)
-    assert step is not None and step.kind == "decode" and step.batch_size == batch
-    captured: list[torch.Tensor] = []
-    sample = runner._sample
-
-    def spy(b: ScheduledBatch, logits: torch.Tensor, *args):  # type: ignore[no-untyped-def]
-        captured.append(logits.float().clone())
-        return sample(b, logits, *args)
-
-    runner._sample = spy  # type: ignore[method-assign]
-    try:
-        graph_out = runner.forward(step, use_cuda_graph=True)  # the KV writes are idempotent
-        eager_out = runner.forward(step, use_cuda_graph=False)
-    finally:
-        del runner._sample
-        for req in reqs:
-            scheduler.finish(req)
-    graph_logits, eager_logits = captured
+    both = decode_both_ways(graph_engine, _prompts(batch, seed=batch), f"g{batch}")
+    graph_out, eager_out = both.graph, both.eager
+    graph_logits, eager_logits = both.graph_logits, both.eager_logits
     assert graph_logits.shape == eager_logits.shape == (batch, 512)
     # At batch 1 the graph's projections run our GEMV and eager ones cuBLAS: the same fp32 sums
     # in another order, so activations may part by a bf16 rounding step. Elsewhere both sides

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from engine_utils import save_random_llama
+from graph_utils import decode_both_ways
 
 from llmconsole.core.attention import AttentionInputs, TorchAttention, make_backend
 from llmconsole.core.attention.flashinfer_backend import paged_layout, use_tensor_core_decode
@@ -328,45 +329,14 @@ def flashinfer_engine(tiny_llama: Path) -> Iterator[object]:
 def test_gpu_flashinfer_replay_equals_eager_logits(flashinfer_engine: object, batch: int) -> None:
     """One decode batch through the runner from its graph and eagerly: the same logits (bf16
     bounds), the padded rows cut off, and above the largest bucket the step runs eager."""
-    from llmconsole.core import Engine, SamplingParams
-    from llmconsole.core.request import Request
-    from llmconsole.core.scheduler import Scheduler
+    from llmconsole.core import Engine
 
     assert isinstance(flashinfer_engine, Engine)
     runner = flashinfer_engine.runner
     assert runner.graphs is not None and runner.graphs.max_bs == 16
-    scheduler = Scheduler(flashinfer_engine.allocator, flashinfer_engine.pool.page_size, 64, 8192)
-    reqs = [
-        Request(f"fi{batch}-{i}", p, SamplingParams(max_tokens=8, temperature=0), 8)
-        for i, p in enumerate(_prompts(batch, seed=batch))
-    ]
-    for req in reqs:
-        scheduler.add(req)
-    step = scheduler.schedule()
-    while step is not None and step.kind == "prefill":
-        out = runner.forward(step)
-        for chunk, token in zip(step.chunks, out.tokens, strict=True):
-            chunk.req.num_computed = chunk.end
-            if token is not None:
-                chunk.req.output_ids.append(token)
-        step = scheduler.schedule()
-    assert step is not None and step.kind == "decode" and step.batch_size == batch
-    captured: list[torch.Tensor] = []
-    sample = runner._sample
-
-    def spy(b, logits, *args):  # type: ignore[no-untyped-def]
-        captured.append(logits.float().clone())
-        return sample(b, logits, *args)
-
-    runner._sample = spy  # type: ignore[method-assign]
-    try:
-        graph_out = runner.forward(step, use_cuda_graph=True)  # the KV writes are idempotent
-        eager_out = runner.forward(step, use_cuda_graph=False)
-    finally:
-        del runner._sample
-        for req in reqs:
-            scheduler.finish(req)
-    graph_logits, eager_logits = captured
+    both = decode_both_ways(flashinfer_engine, _prompts(batch, seed=batch), f"fi{batch}")
+    graph_out, eager_out = both.graph, both.eager
+    graph_logits, eager_logits = both.graph_logits, both.eager_logits
     assert graph_logits.shape == eager_logits.shape == (batch, 512)
     assert _rel_err(graph_logits, eager_logits) < 1e-2
     assert graph_out.cuda_graph == (batch <= 16) and not eager_out.cuda_graph

@@ -46,3 +46,23 @@ def test_package_imports_from_outside_the_repo(tmp_path: Path) -> None:
         [sys.executable, "-c", "import core"], cwd=tmp_path, capture_output=True, text=True
     )
     assert leak.returncode != 0
+
+
+def test_run_from_the_checkout_its_folders_shadow_no_installed_package() -> None:
+    """`python -m llmconsole.console` from the checkout puts it on sys.path, where our kernels/
+    folder used to hide the `kernels` package that transformers 5.25 imports with every model
+    config (the default model's start failed with "cannot import name 'CUDAProperties'")."""
+    code = (
+        "import importlib.util, llmconsole.core\n"
+        "from transformers import LlamaConfig\n"
+        "LlamaConfig(hidden_size=64)\n"
+        "spec = importlib.util.find_spec('kernels')\n"
+        "print(spec.origin if spec else None)\n"
+        "import llmconsole.kernels.norm\n"  # our own kernels still import by their full name
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    origin = out.stdout.strip().splitlines()[-1]
+    assert origin == "None" or not Path(origin).is_relative_to(ROOT), origin

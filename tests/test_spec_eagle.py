@@ -335,6 +335,59 @@ def test_gpu_head_graphs_draft_what_eager_steps_draft(topk: int) -> None:
     assert same >= 0.9 * min(len(graph), len(eager))
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("topk", [1, 3])
+def test_gpu_heads_draft_from_cached_prefixes_as_from_computed_ones(
+    topk: int, tmp_path: Path
+) -> None:
+    """The CPU test above, on the GPU path: Triton kernels, the head's decode graphs. Requests
+    that read a 60-token prefix from the radix cache (the head's KV included) draft what they
+    draft when they compute it, and stay lossless."""
+    shared = [1, *range(500, 559)]
+    prompts = [[*shared, *range(900 + 11 * i, 910 + 11 * i)] for i in range(4)]
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    base = EngineConfig(
+        model="smollm2-135m",
+        load_format="dummy",
+        dtype="float32",
+        attention_backend="triton",
+        cuda_graph_max_bs=8,
+    )
+    with Engine(base.replace(disable_radix_cache=True)) as plain:
+        expected = [r.token_ids for r in plain.generate(prompts, params)]
+        mc = plain.loaded.model_config
+    # Large random weights: the head's attention, so its KV, weighs in every draft.
+    head = save_eagle_head(tmp_path / "head", mc, 1, std=0.3)
+    drafts: dict[bool, list[list[int]]] = {}
+    for cached in (True, False):
+        cfg = base.replace(
+            speculative_algorithm="eagle",
+            speculative_draft_model_path=str(head),
+            speculative_num_steps=3,
+            speculative_eagle_topk=topk,
+            speculative_num_draft_tokens=4 if topk == 1 else 6,
+            disable_radix_cache=not cached,
+        )
+        with Engine(cfg) as eng:
+            got = [eng.generate([prompts[0]], params)[0]]  # computes (and caches) the prefix
+            calls = _spy_on_drafts(eng)
+            got += eng.generate(prompts[1:], params)
+            # fp32 and the same kernels; a near-tie may still flip between batch shapes.
+            assert sum(r.token_ids == e for r, e in zip(got, expected, strict=True)) >= 3
+            # EAGLE computes the prefix's last page (one token) again.
+            want_cached = len(shared) - 1 if cached else 0
+            assert all(r.usage is not None for r in got)
+            assert [r.usage.cached_tokens for r in got[1:]] == [want_cached] * 3  # type: ignore[union-attr]
+            drafts[cached] = [d for _, ds in calls for d in ds]
+            wait_idle(eng)
+            eng.check_integrity()
+    with_cache, without = drafts[True], drafts[False]
+    assert len(with_cache) > 20
+    same = sum(a == b for a, b in zip(with_cache, without, strict=False))
+    assert same >= 0.9 * min(len(with_cache), len(without))
+
+
 def test_a_heads_short_stated_context_does_not_limit_drafting(
     engine: Engine, heads: dict[str, Path], tmp_path: Path
 ) -> None:
