@@ -361,14 +361,7 @@ def test_gpu_heads_draft_from_cached_prefixes_as_from_computed_ones(
     head = save_eagle_head(tmp_path / "head", mc, 1, std=0.3)
     drafts: dict[bool, list[list[int]]] = {}
     for cached in (True, False):
-        cfg = base.replace(
-            speculative_algorithm="eagle",
-            speculative_draft_model_path=str(head),
-            speculative_num_steps=3,
-            speculative_eagle_topk=topk,
-            speculative_num_draft_tokens=4 if topk == 1 else 6,
-            disable_radix_cache=not cached,
-        )
+        cfg = base.replace(**_eagle_over_cache(head, topk, cached))
         with Engine(cfg) as eng:
             got = [eng.generate([prompts[0]], params)[0]]  # computes (and caches) the prefix
             calls = _spy_on_drafts(eng)
@@ -482,6 +475,18 @@ SYSTEM = {
 }
 
 
+def _eagle_over_cache(head: Path, topk: int, cached: bool) -> dict[str, object]:
+    """EAGLE settings for the cached-prefix tests: a chain (topk 1) or a tree, cache on or off."""
+    return {
+        "speculative_algorithm": "eagle",
+        "speculative_draft_model_path": str(head),
+        "speculative_num_steps": 3,
+        "speculative_eagle_topk": topk,
+        "speculative_num_draft_tokens": 4 if topk == 1 else 6,
+        "disable_radix_cache": not cached,
+    }
+
+
 @pytest.mark.parametrize("topk", [1, 2])
 def test_heads_draft_from_cached_prefixes_as_from_computed_ones(
     topk: int, tmp_path: Path, engine: Engine
@@ -500,14 +505,7 @@ def test_heads_draft_from_cached_prefixes_as_from_computed_ones(
     head = save_eagle_head(tmp_path / "head", engine.loaded.model_config, 1, std=0.3)
     drafts: dict[bool, list[tuple[list[int], list[list[int]]]]] = {}
     for cached in (True, False):
-        cfg = EngineConfig(
-            speculative_algorithm="eagle",
-            speculative_draft_model_path=str(head),
-            speculative_num_steps=3,
-            speculative_eagle_topk=topk,
-            speculative_num_draft_tokens=4 if topk == 1 else 6,
-            disable_radix_cache=not cached,
-        )
+        cfg = EngineConfig(**_eagle_over_cache(head, topk, cached))
         with Engine(cfg) as eng:
             assert eng.config.prefix_cache is cached
             a = eng.generate([first], greedy(24))[0]
