@@ -93,7 +93,9 @@ class Gauges(Widget):
         cached = v.kv_cached / v.kv_total if v.kv_total else 0.0
         kv_style = "red" if kv > 0.9 else ("yellow" if kv > 0.7 else "green")
         if v.prefix_cache:
-            kv_suffix = f" {percent(kv):>4} +{percent(cached)} cached"
+            # Shares for the eye, pages for the operator (used + cached / total).
+            pages = f"{v.kv_used}+{v.kv_cached}/{v.kv_total} pages"
+            kv_suffix = f" {percent(kv):>4} +{percent(cached)} cached {pages}"
             hit = "—" if v.hit_rate is None else percent(v.hit_rate)
             hit_suffix = f" hit {hit} ({HIT_WINDOW_S} s)"
         else:
