@@ -81,6 +81,10 @@ class Gauges(Widget):
     def show(self, values: GaugeValues) -> None:
         if values != self._values:
             self._values = values
+            # With the prefix cache the KV row gives shares; the pages go in the bottom border,
+            # where they cost the bars no width.
+            pages = f"{values.kv_used} used + {values.kv_cached} cached / {values.kv_total} pages"
+            self.border_subtitle = pages if values.prefix_cache else ""
             self.refresh()
 
     def render(self) -> Text:
@@ -93,9 +97,7 @@ class Gauges(Widget):
         cached = v.kv_cached / v.kv_total if v.kv_total else 0.0
         kv_style = "red" if kv > 0.9 else ("yellow" if kv > 0.7 else "green")
         if v.prefix_cache:
-            # Shares for the eye, pages for the operator (used + cached / total).
-            pages = f"{v.kv_used}+{v.kv_cached}/{v.kv_total} pages"
-            kv_suffix = f" {percent(kv):>4} +{percent(cached)} cached {pages}"
+            kv_suffix = f" {percent(kv):>4} +{percent(cached)} cached"
             hit = "—" if v.hit_rate is None else percent(v.hit_rate)
             hit_suffix = f" hit {hit} ({HIT_WINDOW_S} s)"
         else:
