@@ -172,7 +172,7 @@ class ConsoleApp(App[None]):
         self.panels.table.border_title = "running requests (enter: open, x: cancel)"
         self.panels.strip.border_title = "engine steps"
         self.panels.log.border_title = "events"
-        self.panels.gauges.border_title = "KV cache, prefix cache and queue"
+        self.panels.gauges.border_title = "KV cache, queue, memory (% of copy rate)"
         self.panels.spec.border_title = "speculative decoding"
         if self.session is not None:
             self._session_ready(self.session)
@@ -316,7 +316,8 @@ class ConsoleApp(App[None]):
             self._spec()
 
     def _gauges(self, now: float) -> None:
-        config = self._describe().get("config", {})
+        info = self._describe()
+        config = info.get("config", {})
         used, cached, total = self.model.kv_usage()
         queued = sum(1 for r in self.model.live if r.state == "queued")
         running = len(self.model.live) - queued
@@ -334,6 +335,13 @@ class ConsoleApp(App[None]):
             prefix_cache=prefix_cache_on(config),
             hit_rate=self.model.prefix_hit_rate(now, HIT_WINDOW_S),
             hit_history=tuple(self.model.hit_rate_series(now, self.model.chart_seconds)),
+            read_rate=self.model.decode_read_rate(now),
+            read_note=(
+                "no decode step lately"
+                if self.model.bytes_recorded or not isinstance(self.source, ReplaySource)
+                else "not in this recording"
+            ),
+            copy_rate=info.get("stats", {}).get("memory_copy_bytes_per_s") or None,
         )
         self.panels.gauges.show(values)
 

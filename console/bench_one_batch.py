@@ -22,10 +22,12 @@ from rich.console import Console
 from rich.table import Table
 
 from llmconsole.core.attention import make_backend
+from llmconsole.core.bandwidth import copy_rate
 from llmconsole.core.config import EngineConfig
 from llmconsole.core.kv_cache import KVPool, PageAllocator
 from llmconsole.core.model_loader import LoadedModel, gpu_memory_gb, load_model, pick_device
 from llmconsole.core.pool_sizing import kv_pool_spec
+from llmconsole.core.read_bytes import StepReads, kv_bytes_per_position
 from llmconsole.core.request import Request
 from llmconsole.core.runner import ModelRunner, StepOutput
 from llmconsole.core.sampling_params import SamplingParams
@@ -53,6 +55,8 @@ class OneBatchResult:
     graph_tok_s: float | None
     cuda_graph: bool  # the "graph" steps really replayed a graph (False above the max bucket)
     padded_bs: int
+    # bytes a decode step reads at least (weights + attended KV; core/read_bytes), median step
+    decode_bytes: int = 0
     # speculative verify pass with k tokens per request (the last token + k - 1 drafts):
     # k -> (median ms, replayed a graph)
     verify: dict[int, tuple[float, bool]] = field(default_factory=dict)
@@ -63,6 +67,7 @@ class Runtime:
 
     def __init__(self, config: EngineConfig, max_batch: int) -> None:
         device = pick_device(config.device)
+        self.copy_rate = copy_rate(device)  # as the engine does: before the weights and pool
         running = max(config.max_running_requests or 0, max_batch)
         self.config = config.replace(max_running_requests=running).resolve(
             device.type, gpu_memory_gb(device)
@@ -194,8 +199,11 @@ def run_batch(
     modes = [True, False] if runtime.has_graphs else [False]
     times: dict[bool, list[float]] = {True: [], False: []}
     graph_out: StepOutput | None = None
+    reads = StepReads(runtime.loaded.model, kv_bytes_per_position(runtime.pool.spec))
+    step_bytes: list[int] = []
     for step in range(output_len * len(modes)):
         use_graph = modes[step % len(modes)]  # alternate: both modes see the same KV lengths
+        step_bytes.append(reads.of_batch(batch))
         out, seconds = runtime.step(batch, use_graph)
         times[use_graph].append(seconds)
         if use_graph:
@@ -220,6 +228,7 @@ def run_batch(
         graph_tok_s=None if graph_s is None else batch_size / graph_s,
         cuda_graph=graph_out is not None and graph_out.cuda_graph,
         padded_bs=graph_out.padded_bs if graph_out is not None else batch_size,
+        decode_bytes=round(statistics.median(step_bytes)),
         verify=verify,
     )
 
@@ -274,7 +283,8 @@ def bench_one_batch(
         run_batch(runtime, bs, input_len, output_len, seed, verify_tokens) for bs in batch_sizes
     ]
     rate = matmul_tflops(runtime.loaded.device)
-    Console().print(_table(runtime, results, rate))
+    copy = runtime.copy_rate
+    Console().print(_table(runtime, results, rate, copy))
     if verify_tokens:
         Console().print(_verify_table(results))
     if output_file is not None:
@@ -283,6 +293,7 @@ def bench_one_batch(
             "attention_backend": runtime.config.attention_backend,
             "dtype": runtime.config.dtype,
             "matmul_tflops": rate,
+            "copy_gb_per_s": copy / 1e9,
             "cuda_graph_max_bs": runtime.config.cuda_graph_max_bs,
         }
         append_jsonl(output_file, [{**asdict(r), **info} for r in results])
@@ -290,7 +301,20 @@ def bench_one_batch(
     return results
 
 
-def _table(runtime: Runtime, results: list[OneBatchResult], rate: float | None) -> Table:
+def decode_read_rate(r: OneBatchResult) -> float:
+    """Bytes per second the faster decode mode read: graph steps where they ran, else eager."""
+    ms = r.graph_step_ms if r.cuda_graph and r.graph_step_ms is not None else r.eager_step_ms
+    return r.decode_bytes / (ms / 1e3)
+
+
+def _read_cell(read: float, copy: float) -> str:
+    gbs = read / 1e9
+    return (f"{gbs:,.0f}" if gbs >= 100 else f"{gbs:.1f}") + f" ({read / copy:.0%})"
+
+
+def _table(
+    runtime: Runtime, results: list[OneBatchResult], rate: float | None, copy: float
+) -> Table:
     first = results[0]
     title = (
         f"{runtime.loaded.source.name} ({runtime.config.dtype}): input {first.input_len}, "
@@ -299,6 +323,7 @@ def _table(runtime: Runtime, results: list[OneBatchResult], rate: float | None) 
     table = Table(title=title)
     columns = ["batch", "prefill ms", "prefill tok/s", "prefill TFLOP/s"]
     columns += ["graph ms/step", "graph tok/s", "eager ms/step", "eager tok/s", "graph/eager"]
+    columns += ["read GB/s"]
     for column in columns:
         table.add_column(column, justify="right")
     for r in results:
@@ -322,9 +347,14 @@ def _table(runtime: Runtime, results: list[OneBatchResult], rate: float | None) 
             f"{r.eager_step_ms:.2f}",
             f"{r.eager_tok_s:.0f}",
             graph[2],
+            _read_cell(decode_read_rate(r), copy),
         )
-    if rate:
-        table.caption = f"bf16 matmul in this process: {rate:.0f} TFLOP/s"
+    caption = (
+        "read GB/s: the weights and attended KV a decode step must read, over its time (the "
+        "faster mode); in brackets, its share of the memory copy rate. Measured in this process: "
+        f"copy {copy / 1e9:,.1f} GB/s (read + write)"
+    )
+    table.caption = caption + (f", bf16 matmul {rate:.0f} TFLOP/s" if rate else "")
     return table
 
 

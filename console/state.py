@@ -94,6 +94,7 @@ class ConsoleModel:
         self.finished_ok = 0
         self.finished_failed = 0
         self.last_step: StepRecord | None = None
+        self.bytes_recorded = False  # a step carried bytes_read (recordings before it: none do)
         self._flushed = False  # a prefix-cache flush since the last step: nothing reclaimable
         # step_id of the first step after each hot restart -> the restart's message
         self.restart_steps: dict[int, str] = {}
@@ -151,6 +152,7 @@ class ConsoleModel:
         self._flushed = False
         self.total_steps += 1
         self.total_generated += step.num_generated
+        self.bytes_recorded = self.bytes_recorded or step.bytes_read > 0
         if step.kind == "verify":
             self.spec.add(step)
         second = int(step.time)
@@ -177,6 +179,20 @@ class ConsoleModel:
                 break
             total += step.num_generated
         return total / window_s
+
+    def decode_read_rate(self, now: float, window_s: float = 3.0) -> float | None:
+        """Bytes per second that decode steps read over the last `window_s` seconds: their bytes
+        over their own durations (idle time between steps does not dilute it). None without a
+        decode step that carries a byte count (recordings from before the count)."""
+        read = 0
+        busy = 0.0
+        for step in reversed(self.steps):
+            if step.time < now - window_s:
+                break
+            if step.kind == "decode" and step.bytes_read:
+                read += step.bytes_read
+                busy += step.duration_s
+        return read / busy if busy > 0 else None
 
     def chart_series(self, now: float) -> tuple[list[float], list[float], list[float], list[float]]:
         """x = seconds relative to now (≤ 0), output tok/s, running, queue: one point a second,

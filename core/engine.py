@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .attention import make_backend, require_cuda
+from .bandwidth import copy_rate
 from .config import EngineConfig
 from .cpu_threads import release_omp_workers
 from .detokenizer import IncrementalDetokenizer
@@ -106,6 +107,8 @@ class Engine(StepResultsMixin, HotRestartMixin):
         device = pick_device(config.device)
         self.config = config.resolve(device.type, gpu_memory_gb(device))
         check_buildable(self.config)
+        # Before the weights and the KV pool take the memory: a copy beyond the caches.
+        self.memory_copy_rate = copy_rate(device)
         self.spec: Speculator | None = None
         self._draft_cache: DraftCache | None = None
         self.telemetry = TelemetryBuffer(self.config.telemetry_capacity)
@@ -156,6 +159,7 @@ class Engine(StepResultsMixin, HotRestartMixin):
                 "load_seconds": round(self.loaded.load_seconds, 3),
                 "weights": self.loaded.weight_format,
                 "prefix_cache": self.config.prefix_cache,
+                "memory_copy_gb_per_s": round(self.memory_copy_rate / 1e9, 1),
             },
         )
 
@@ -429,6 +433,7 @@ class Engine(StepResultsMixin, HotRestartMixin):
             "kv_pages_total": self.allocator.num_usable,
             "kv_pages_cached": self.scheduler.pages_cached,
             "page_size": self.pool.page_size,
+            "memory_copy_bytes_per_s": round(self.memory_copy_rate),
         }
 
     @property

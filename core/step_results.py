@@ -10,9 +10,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .kv_cache import PageAllocator
+from .kv_cache import KVPool, PageAllocator
 from .model_loader import LoadedModel
 from .outputs import Delta, RequestHandle, Usage
+from .read_bytes import StepReads, kv_bytes_per_position
 from .request import FinishReason, Request
 from .runner import StepOutput, VerifyOutput
 from .scheduler import ScheduledBatch, Scheduler
@@ -30,6 +31,8 @@ class StepResultsMixin:
     _handles: dict[str, RequestHandle]
     _requests: dict[str, Request]
     _step_ids: itertools.count
+    pool: KVPool
+    _reads: StepReads | None = None
 
     def _process(self, batch: ScheduledBatch, out: StepOutput) -> int:
         now = time.time()
@@ -200,8 +203,17 @@ class StepResultsMixin:
                 kv_pages_cached=self.scheduler.pages_reclaimable,
                 cached_tokens=cached,
                 admitted_tokens=admitted,
+                bytes_read=self._step_reads().of_batch(batch, drafted),
             )
         )
+
+    def _step_reads(self) -> StepReads:
+        """The byte model of the model and pool in use (a hot restart may replace either)."""
+        reads, model = self._reads, self.loaded.model
+        kv = kv_bytes_per_position(self.pool.spec)
+        if reads is None or reads.model is not model or reads.kv_position_bytes != kv:
+            reads = self._reads = StepReads(model, kv)
+        return reads
 
 
 def admission_tokens(batch: ScheduledBatch) -> tuple[int, int]:

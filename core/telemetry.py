@@ -46,6 +46,10 @@ class StepRecord:
     # all tokens of those requests at admission (the prompt, plus the output so far after a
     # retraction): the hit rate's denominator, never below cached_tokens
     admitted_tokens: int = 0
+    # Bytes the step's forward pass reads at least: the weights it multiplies by and the KV of
+    # the positions it attends to (core/read_bytes.py; the target model's pass, not a drafter's).
+    # / duration_s: the memory rate a decode step ran at.
+    bytes_read: int = 0
 
 
 @dataclass(frozen=True)

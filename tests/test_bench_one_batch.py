@@ -33,6 +33,18 @@ def test_one_batch_reports_prefill_and_eager_decode_per_batch_size(tmp_path: Pat
         # CPU: no graphs, and the row says so rather than inventing a figure.
         assert row["graph_step_ms"] is None and row["cuda_graph"] is False
         assert row["attention_backend"] == "torch" and row["model"] == "tiny-llama"
+        assert row["copy_gb_per_s"] > 0.1
+    # What a decode step reads, from tiny-llama's shape (fp32): hidden 64, intermediate 128,
+    # 2 layers, 4 query / 2 KV heads of 16, vocabulary 512. Weights: per layer qkv 64x128,
+    # o 64x64, gate_up 64x256, down 128x64 and two norms, then the final norm and the LM head;
+    # one embedding row per request. KV: 2 layers x K and V x 2 heads x 16 floats a position;
+    # the timed steps end at positions 21, 22, 23 (median 22) after a 20-token prompt.
+    weights = 2 * (64 * 128 + 64 * 64 + 64 * 256 + 128 * 64 + 2 * 64) + 64 + 512 * 64
+    kv_position = 2 * 2 * 2 * 16
+    for row in rows:
+        bs = row["batch_size"]
+        assert row["decode_bytes"] == 4 * (weights + bs * 64 + bs * 22 * kv_position)
+    assert "read GB/s" in result.stdout and "memory copy rate" in " ".join(result.stdout.split())
 
 
 def test_one_batch_rejects_a_batch_that_cannot_fit(tmp_path: Path) -> None:

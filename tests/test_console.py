@@ -88,6 +88,9 @@ def test_requests_fill_the_table_and_steps_accumulate(engine: Engine) -> None:
             shown = strip.visible_steps()
             assert shown and shown[-1].step_id == app.model.last_step.step_id
             assert any(s.kind == "decode" and s.batch_size == 4 for s in shown)
+            # The newest step's details: how fast it read its weights and KV.
+            details = str(strip.render()).splitlines()[1]
+            assert re.search(r"\d ms · reads \d[\d.]* [MGT]B/s", details), details
             assert app.model.total_generated >= 4 * STREAM_TOKENS
 
     asyncio.run(run())
@@ -109,10 +112,14 @@ def test_gauges_show_the_prefix_cache_and_its_hit_rate() -> None:
         async with app.run_test(size=SIZE) as pilot:
             await until(pilot, lambda: "prefix" in gauges())
             assert "+0% cached" in gauges() and "hit — (10 s)" in gauges()
+            assert "mem read no decode step lately" in gauges()
             with ThreadPoolExecutor(1) as pool:
                 for question in questions:
                     (future,) = fire(pool, client_for(app), [prefix + question], max_tokens=4)
                     await asyncio.wrap_future(future)
+            # Decode read the weights and KV at some rate: shown with its share of the copy rate.
+            read = r"mem read [█░]+ (\d[\d.]*) ([MGT])B/s (\d+|<1)%"
+            await until(pilot, lambda: re.search(read, gauges()) is not None)
             # Painted after the last step: nothing runs, every request's pages are the cache's.
             await until(pilot, lambda: re.search(r"finished 3$", gauges()) is not None)
             await until(pilot, lambda: re.search(r" 0/\d+ max", gauges()) is not None)

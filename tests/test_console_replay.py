@@ -23,6 +23,7 @@ from llmconsole.console.recording import (
 from llmconsole.console.session import ConsoleOptions
 from llmconsole.console.sources import ReplaySource
 from llmconsole.console.state import ConsoleModel
+from llmconsole.console.widgets.gauges import Gauges
 from llmconsole.console.widgets.requests_table import RequestsTable
 from llmconsole.console.widgets.step_strip import StepStrip
 from llmconsole.core.telemetry import EngineEvent, RequestRecord, StepRecord
@@ -85,6 +86,8 @@ def test_replay_fills_table_strip_and_counters_like_the_session(utc: None) -> No
             assert app.model.total_steps == len(steps)
             assert app.query_one(StepStrip).visible_steps()[-1] == steps[-1]
             assert "paused" in app.status and f"{position:.0f}/" in app.status
+            # This recording predates the steps' byte counts: the memory row says so.
+            assert "mem read not in this recording" in app.query_one(Gauges).render().plain
 
     asyncio.run(run())
 
@@ -173,6 +176,18 @@ def test_model_charts_the_prefix_hit_rate_per_second_and_over_ten_seconds() -> N
     assert model.kv_usage() == (9, 5, 99)
 
 
+def test_model_reads_decode_bytes_over_decode_time_in_the_last_three_seconds() -> None:
+    model = ConsoleModel()
+    base = StepRecord(0, 0.0, "decode", 8, 8, 8, True, 8, 0.01, 0, 8, 9, 99)
+    assert model.decode_read_rate(100.0) is None and not model.bytes_recorded
+    model.apply([replace(base, time=95.0, bytes_read=10**12)])  # outside the window at 100
+    model.apply([replace(base, time=97.5, kind="prefill", duration_s=0.5, bytes_read=10**12)])
+    model.apply([replace(base, time=t, bytes_read=20 * 10**9) for t in (98.0, 99.0, 99.5)])
+    # 3 x 20 GB in 3 x 10 ms, the prefill's bytes and the gaps between steps left out
+    assert model.decode_read_rate(100.0) == 20e9 / 0.01 and model.bytes_recorded
+    assert model.decode_read_rate(110.0) is None
+
+
 def test_recordings_from_before_the_prefix_cache_fields_still_load() -> None:
     """The committed recording predates kv_pages_cached / cached_tokens / admitted_tokens: its
     steps load with zeros; a new step keeps them through a recording's encode and decode."""
@@ -180,7 +195,8 @@ def test_recordings_from_before_the_prefix_cache_fields_still_load() -> None:
     assert not any("kv_pages_cached" in obj for obj in lines if obj["type"] == "step")
     steps = [r for r in read_recording(RECORDING).records() if isinstance(r, StepRecord)]
     assert steps and all(
-        (s.kv_pages_cached, s.cached_tokens, s.admitted_tokens) == (0, 0, 0) for s in steps
+        (s.kv_pages_cached, s.cached_tokens, s.admitted_tokens, s.bytes_read) == (0, 0, 0, 0)
+        for s in steps
     )
     new = replace(
         steps[0],
@@ -188,6 +204,7 @@ def test_recordings_from_before_the_prefix_cache_fields_still_load() -> None:
         kv_pages_cached=12,
         cached_tokens=24,
         admitted_tokens=54,
+        bytes_read=123_456_789,
     )
     assert decode(json.loads(json.dumps(encode(new)))) == new
 

@@ -58,6 +58,7 @@ def step(
     drafted: int = 0,
     accepted: int = 0,
     retracted: int = 0,
+    bytes_read: int = 0,
 ) -> StepRecord:
     return StepRecord(
         step_id=i,
@@ -76,6 +77,7 @@ def step(
         drafted_tokens=drafted,
         accepted_tokens=accepted,
         retracted=retracted,
+        bytes_read=bytes_read,
     )
 
 
@@ -144,7 +146,8 @@ def test_every_metric_is_exported_with_the_prefix_and_model_label() -> None:
         "gen_throughput", "spec_accept_length", "spec_accept_rate",
         "prompt_tokens_total", "generation_tokens_total", "num_requests_total",
         "request_finished_total", "cuda_graph_steps_total", "eager_steps_total",
-        "retracted_requests_total", "time_to_first_token_seconds_count",
+        "retracted_requests_total", "time_to_first_token_seconds_count", "read_bytes_total",
+        "decode_read_bytes_per_second", "memory_copy_bytes_per_second",
         "inter_token_latency_seconds_bucket", "e2e_request_latency_seconds_sum",
     ]  # fmt: skip
     for name in expected:
@@ -226,6 +229,24 @@ def test_throughput_counts_the_recent_window_only() -> None:
     assert value(scrape(metrics), "gen_throughput") == pytest.approx(8 / 0.5)
 
 
+def test_decode_read_rate_is_bytes_over_decode_time_against_the_copy_rate() -> None:
+    """Decode steps' bytes over their own durations (gaps between steps do not dilute it, a
+    prefill step's bytes do not count); every step's bytes go into the counter."""
+    eng = FakeEngine()
+    eng.live["memory_copy_bytes_per_s"] = 3_000_000_000_000
+    now = T0 + 100.0
+    metrics = EngineMetrics(eng, MODEL, window_s=5.0, clock=lambda: now)
+    eng.buffer.append(step(0, "prefill", end=now - 4.0, duration=0.5, bytes_read=40 * 10**9))
+    for i, end in enumerate((now - 3.0, now - 2.99, now - 1.0)):  # 10 ms each, gaps between
+        eng.buffer.append(step(i + 1, end=end, duration=0.01, bytes_read=25 * 10**9))
+    s = scrape(metrics)
+    assert value(s, "decode_read_bytes_per_second") == pytest.approx(25e9 / 0.01)
+    assert value(s, "read_bytes_total") == 40e9 + 3 * 25e9
+    assert value(s, "memory_copy_bytes_per_second") == 3e12
+    now += 60.0  # idle: no decode step in the window reads nothing
+    assert value(scrape(metrics), "decode_read_bytes_per_second") == 0
+
+
 def test_speculative_acceptance_follows_sglang() -> None:
     eng = FakeEngine()
     now = T0 + 100.0
@@ -297,5 +318,12 @@ def test_real_engine_counts_generated_tokens_and_finishes(engine: Engine) -> Non
     assert delta(after, "request_finished_total", finish_reason="length") == 3
     assert delta(after, "num_requests_total") == 3
     assert delta(after, "time_to_first_token_seconds_count") == 3
+    # Every step (short prompts, decode) multiplied by the ~97 MB of 4-bit blocks once.
+    steps = delta(after, "eager_steps_total") + delta(after, "cuda_graph_steps_total")
+    assert steps >= 5 and 90e6 * steps < delta(after, "read_bytes_total") < 120e6 * steps
+    assert (
+        value(after, "memory_copy_bytes_per_second", model)
+        == engine.stats()["memory_copy_bytes_per_s"]
+    )
     assert value(after, "telemetry_dropped_records_total", model) == 0
     assert value(after, "num_running_reqs", model) == 0

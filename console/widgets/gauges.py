@@ -1,5 +1,6 @@
 """KV-cache and queue gauges: how full the pool is, how much of it the prefix cache holds, how
-often admitted requests find their prefix there, and how much work is waiting."""
+often admitted requests find their prefix there, how much work is waiting, and how fast decode
+steps read memory against the device's copy rate (decode is memory-bound: that is its floor)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,9 @@ class GaugeValues:
     prefix_cache: bool  # whether the engine runs one (off: the row says so)
     hit_rate: float | None = None  # over the last HIT_WINDOW_S seconds; None: nothing admitted
     hit_history: tuple[float | None, ...] = ()  # one a second, oldest first, None: no admission
+    read_rate: float | None = None  # bytes/s decode steps read lately; None: see read_note
+    read_note: str = "no decode step lately"  # why there is no rate
+    copy_rate: float | None = None  # bytes/s the device copies (read + write); None: unknown
 
 
 def bar(fraction: float, width: int) -> str:
@@ -56,6 +60,15 @@ def percent(fraction: float) -> str:
     return "<1%" if 0.0 < fraction < 0.005 else f"{fraction:.0%}"
 
 
+def byte_rate(rate: float) -> str:
+    """'2.61 TB/s', '19.4 GB/s', '512 MB/s': three significant figures or so."""
+    for unit, scale in (("TB/s", 1e12), ("GB/s", 1e9)):
+        if rate >= scale:
+            value = rate / scale
+            return f"{value:.2f} {unit}" if value < 10 else f"{value:.1f} {unit}"
+    return f"{rate / 1e6:.0f} MB/s"
+
+
 def sparkline(rates: Sequence[float | None], width: int) -> Text:
     """The last `width` rates, newest on the right; a dim dot for a second without a rate."""
     text = Text(" " * max(0, width - len(rates)))
@@ -73,7 +86,7 @@ class Gauges(Widget):
     Static.update() would, on every refresh)."""
 
     DEFAULT_CSS = """
-    Gauges { height: 5; padding: 0 1; }
+    Gauges { height: 6; padding: 0 1; }
     """
 
     _values: GaugeValues | None = None
@@ -106,7 +119,11 @@ class Gauges(Widget):
         running = v.running / v.max_running if v.max_running else 0.0
         running_suffix = f" {v.running}/{v.max_running} max"
         queue_suffix = f" {v.queued} waiting"
-        suffixes = (kv_suffix, hit_suffix, running_suffix, queue_suffix)
+        read = None if v.read_rate is None or not v.copy_rate else v.read_rate / v.copy_rate
+        read_suffix = "" if v.read_rate is None else f" {byte_rate(v.read_rate)}"
+        if read is not None:
+            read_suffix += f" {percent(read)}"
+        suffixes = (kv_suffix, hit_suffix, running_suffix, queue_suffix, read_suffix)
         # The bars take what the labels leave (the panel's padding is 1 cell a side).
         width = max(4, self.size.width - 2 - LABEL_WIDTH - max(map(len, suffixes)))
 
@@ -129,6 +146,12 @@ class Gauges(Widget):
             text.append(label, style="bold")
             text.append(bar(fraction, width), style=style)
             text.append(suffix + "\n")
+        text.append("mem read ", style="bold")
+        if v.read_rate is None:
+            text.append(v.read_note + "\n", style="dim")
+        else:  # without a copy rate (an old recording) the bar stays empty; the rate still shows
+            text.append(bar(read or 0.0, width), style="blue")
+            text.append(read_suffix + "\n")
         text.append(f"output {v.tokens_per_s:8.1f} tok/s", style="bold green")
         text.append(f"   finished {v.finished_ok}", style="dim")
         if v.finished_failed:

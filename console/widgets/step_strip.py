@@ -18,6 +18,8 @@ from textual.widget import Widget
 
 from llmconsole.core.telemetry import StepRecord
 
+from .gauges import byte_rate
+
 BARS = "▁▂▃▄▅▆▇█"
 
 
@@ -35,16 +37,21 @@ def bar_for(batch_size: int, largest: int) -> str:
 
 
 def describe_step(step: StepRecord) -> str:
+    """One line, short enough for the strip at 120 columns: the batch's padding only where a
+    graph padded it, the token count only where it differs from the batch (prefill, verify)."""
     mode = "CUDA graph" if step.cuda_graph else "eager"
-    padded = f" padded to {step.padded_bs}" if step.cuda_graph else ""
+    padded = step.cuda_graph and step.padded_bs != step.batch_size
+    duration = f"{step.duration_s * 1000:.1f} ms"
+    if step.bytes_read and step.duration_s > 0:  # weights + attended KV over the step's time
+        duration += f" · reads {byte_rate(step.bytes_read / step.duration_s)}"
     parts = [
         f"step {step.step_id}",
         f"{step.kind} · {mode}",
-        f"batch {step.batch_size}{padded}",
-        f"{step.num_tokens} tokens",
-        f"{step.duration_s * 1000:.1f} ms",
-        f"queue {step.queue_len}",
+        f"batch {step.batch_size}" + (f" padded to {step.padded_bs}" if padded else ""),
     ]
+    if step.num_tokens != step.batch_size:
+        parts.append(f"{step.num_tokens} tokens")
+    parts += [duration, f"queue {step.queue_len}"]
     if step.cached_tokens:  # prompt tokens its new requests read from the prefix cache
         parts.append(f"cached {step.cached_tokens}")
     if step.drafted_tokens:

@@ -63,6 +63,7 @@ class _RecentStep:
     batch_size: int
     drafted: int
     accepted: int
+    decode_bytes: int  # bytes read, decode steps only (0 for others)
 
 
 class EngineMetrics:
@@ -120,11 +121,22 @@ class EngineMetrics:
         self.spec_accept_rate = gauge(
             "spec_accept_rate", "Accepted / drafted tokens over recent steps."
         )
+        self.decode_read_bandwidth = gauge(
+            "decode_read_bytes_per_second",
+            f"Bytes decode steps read (weights + attended KV) / their time, last {window_s:g} s.",
+        )
+        self.memory_copy_bandwidth = gauge(
+            "memory_copy_bytes_per_second",
+            "The device's copy rate (read + written bytes / s), measured at start: the yardstick.",
+        )
         self.prompt_tokens = counter("prompt_tokens_total", "Prompt tokens of finished requests.")
         self.cached_tokens = counter(
             "cached_tokens_total", "Prompt tokens of finished requests served from the cache."
         )
         self.generation_tokens = counter("generation_tokens_total", "Tokens sampled.")
+        self.read_bytes = counter(
+            "read_bytes_total", "Bytes forward passes read at least: weights and attended KV."
+        )
         self.num_requests = counter("num_requests_total", "Finished requests.")
         self.request_finished = counter(
             "request_finished_total", "Finished requests by finish reason.", ("finish_reason",)
@@ -154,7 +166,8 @@ class EngineMetrics:
         # Children exist up front so every series is exported (as 0) before the first request:
         # rate() over a series that appears mid-way loses its first increment.
         for metric in (
-            self.prompt_tokens, self.cached_tokens, self.generation_tokens, self.num_requests,
+            self.prompt_tokens, self.cached_tokens, self.generation_tokens, self.read_bytes,
+            self.num_requests,
             self.cuda_graph_steps, self.eager_steps, self.retracted_requests,
             self.dropped_records, self.ttft, self.itl, self.e2e,
         ):  # fmt: skip
@@ -193,10 +206,13 @@ class EngineMetrics:
         self.num_cached_tokens.labels(model_name=m).set(cached)
         prompt = self._prompt_total
         self.cache_hit_rate.labels(model_name=m).set(self._cached_total / prompt if prompt else 0.0)
+        copy = stats.get("memory_copy_bytes_per_s", 0)
+        self.memory_copy_bandwidth.labels(model_name=m).set(copy)
 
     def _on_step(self, step: StepRecord) -> None:
         m = self.model_name
         self.generation_tokens.labels(model_name=m).inc(step.num_generated)
+        self.read_bytes.labels(model_name=m).inc(step.bytes_read)
         (self.cuda_graph_steps if step.cuda_graph else self.eager_steps).labels(model_name=m).inc()
         if step.retracted:
             self.retracted_requests.labels(model_name=m).inc(step.retracted)
@@ -210,6 +226,7 @@ class EngineMetrics:
                 batch_size=step.batch_size,
                 drafted=step.drafted_tokens,
                 accepted=step.accepted_tokens,
+                decode_bytes=step.bytes_read if step.kind == "decode" else 0,
             )
         )
 
@@ -253,3 +270,9 @@ class EngineMetrics:
             (accepted + passes) / passes if passes else 0.0
         )
         self.spec_accept_rate.labels(model_name=m).set(accepted / drafted if drafted else 0.0)
+
+        # Decode is memory-bound: its bytes over its own time, set against the copy rate.
+        decode = [s for s in steps if s.decode_bytes]
+        busy = sum(s.end - s.start for s in decode)
+        rate = sum(s.decode_bytes for s in decode) / busy if busy > 0 else 0.0
+        self.decode_read_bandwidth.labels(model_name=m).set(rate)
