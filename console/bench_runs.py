@@ -77,6 +77,9 @@ class RunStats:
     decode_ms_median: float | None = None
     decode_ms_p99: float | None = None
     decode_batch_median: float | None = None
+    # bytes decode steps read (weights + attended KV) / their time, and the engine's copy rate
+    decode_read_gb_s: float | None = None
+    copy_gb_s: float | None = None
     # speculative verify passes: per-request passes, drafted and accepted tokens
     spec_passes: int = 0
     drafted_tokens: int = 0
@@ -124,6 +127,8 @@ class RunStats:
                 "decode_step_ms_median": _round(self.decode_ms_median),
                 "decode_step_ms_p99": _round(self.decode_ms_p99),
                 "decode_batch_median": self.decode_batch_median,
+                "decode_read_gb_per_s": _round(self.decode_read_gb_s),
+                "copy_gb_per_s": _round(self.copy_gb_s),
             }
         return row | common
 
@@ -224,6 +229,8 @@ def run_ours(
     verify = [s for s in steps if s.kind == "verify"]
     ttfts = [r.ttft_s for r in finished if r.ttft_s is not None]
     durations_ms = [s.duration_s * 1000 for s in decode]
+    plain = [s for s in decode if s.kind == "decode" and s.bytes_read]
+    busy = sum(s.duration_s for s in plain)
     return RunStats(
         system="llmconsole",
         batch=concurrency,
@@ -237,6 +244,8 @@ def run_ours(
         decode_ms_median=statistics.median(durations_ms) if decode else None,
         decode_ms_p99=_percentile(durations_ms, 0.99) if decode else None,
         decode_batch_median=statistics.median(s.batch_size for s in decode) if decode else None,
+        decode_read_gb_s=sum(s.bytes_read for s in plain) / busy / 1e9 if busy > 0 else None,
+        copy_gb_s=engine.memory_copy_rate / 1e9,
         spec_passes=sum(s.batch_size for s in verify),
         drafted_tokens=sum(s.drafted_tokens for s in verify),
         accepted_tokens=sum(s.accepted_tokens for s in verify),

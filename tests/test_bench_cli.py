@@ -52,6 +52,11 @@ def test_offline_counts_exactly_max_tokens_per_request(invoke, tmp_path: Path) -
     assert row["input_tokens"] > 4 * 10  # chat-templated builtin prompts
     assert row["seconds"] > 0 and row["output_tok_s"] > 0
     assert row["decode_steps"] >= 3 and row["decode_batch_median"] >= 1
+    # Decode read the default model's ~97 MB of blocks per step: a rate, next to the copy rate.
+    assert 0 < row["decode_read_gb_per_s"] and 0 < row["copy_gb_per_s"]
+    per_step_gb = row["decode_read_gb_per_s"] * row["decode_step_ms_median"] / 1e3
+    assert 0.05 < per_step_gb < 0.2, per_step_gb  # medians, not exact: a loose band
+    assert "decode reads GB/s (of copy)" in result.stdout
     assert row["cpu_count"] == os.cpu_count() and "torch_version" in row
     # the resolved flags travel with the row (CPU: torch attention, no graphs, no overlap)
     assert (row["attention_backend"], row["overlap_schedule"], row["kv_cache_dtype"]) == (
