@@ -14,6 +14,9 @@ from llmconsole.core import Engine, EngineConfig, SamplingParams
 from llmconsole.core.bandwidth import copy_rate
 from llmconsole.core.kv_cache import KV_CACHE_DTYPES, KVPoolSpec
 from llmconsole.core.model_loader import load_model
+from llmconsole.core.models.config import ModelConfig
+from llmconsole.core.models.dummy_shapes import dummy_config
+from llmconsole.core.models.llama import LlamaForCausalLM
 from llmconsole.core.read_bytes import kv_bytes_per_position, weight_bytes
 from llmconsole.core.telemetry import StepRecord
 
@@ -93,3 +96,18 @@ def test_the_copy_rate_is_a_finite_rate_and_reaches_describe(engine: Engine) -> 
     assert math.isfinite(rate) and rate > 1e8  # any memory copies well over 100 MB/s
     assert engine.stats()["memory_copy_bytes_per_s"] == round(engine.memory_copy_rate) > 1e8
     assert engine.describe()["stats"]["memory_copy_bytes_per_s"] > 0
+
+
+def test_a_llama_3_8b_decode_step_reads_15_gb_of_weights() -> None:
+    """The figure the performance section's floor rests on, from the real shape (built on the
+    meta device: shapes only, no memory); its KV, 128 KiB a position, is checked above."""
+    config = ModelConfig.from_hf(dummy_config("llama-3-8b"))
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config, torch.bfloat16)
+    # 32 layers of (4096 x 6144 qkv, 4096 x 4096 o, 4096 x 28672 gate_up, 14336 x 4096 down)
+    # and a 128256 x 4096 LM head, in bf16: 15.01 GB, plus 8 KiB per request's embedding row
+    projections = 32 * (4096 * 6144 + 4096 * 4096 + 4096 * 28672 + 14336 * 4096)
+    norms = (2 * 32 + 1) * 4096
+    lm_head = 128256 * 4096
+    assert weight_bytes(model, 64, 64) == 2 * (projections + norms + lm_head + 64 * 4096)
+    assert round(weight_bytes(model, 1, 1) / 1e9, 2) == 15.01
