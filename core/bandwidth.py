@@ -20,8 +20,13 @@ CPU_BYTES = 64 << 20
 
 def copy_rate(device: torch.device, nbytes: int | None = None, repeats: int = 3) -> float:
     """Bytes per second (read + written) of the best of `repeats` copies of `nbytes` bytes."""
-    if nbytes is None:
-        nbytes = GPU_BYTES if device.type == "cuda" else CPU_BYTES
+    if device.type == "cuda":
+        with torch.cuda.device(device):  # events and copies on that card's current stream
+            return _copy_rate(device, nbytes or GPU_BYTES, repeats)
+    return _copy_rate(device, nbytes or CPU_BYTES, repeats)
+
+
+def _copy_rate(device: torch.device, nbytes: int, repeats: int) -> float:
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     src.fill_(1)  # touch every page before timing
     dst = torch.empty_like(src)
