@@ -33,6 +33,7 @@ class StepResultsMixin:
     _step_ids: itertools.count
     pool: KVPool
     _reads: StepReads | None = None
+    _reads_pool: KVPool | None = None  # the pool `_reads` was made for
 
     def _process(self, batch: ScheduledBatch, out: StepOutput) -> int:
         now = time.time()
@@ -209,10 +210,10 @@ class StepResultsMixin:
 
     def _step_reads(self) -> StepReads:
         """The byte model of the model and pool in use (a hot restart may replace either)."""
-        reads, model = self._reads, self.loaded.model
-        kv = kv_bytes_per_position(self.pool.spec)
-        if reads is None or reads.model is not model or reads.kv_position_bytes != kv:
-            reads = self._reads = StepReads(model, kv)
+        reads, model, pool = self._reads, self.loaded.model, self.pool
+        if reads is None or reads.model is not model or self._reads_pool is not pool:
+            reads = self._reads = StepReads(model, kv_bytes_per_position(pool.spec))
+            self._reads_pool = pool
         return reads
 
 

@@ -91,6 +91,27 @@ def test_decode_steps_read_the_weights_plus_each_requests_context(engine: Engine
     assert all(s.bytes_read > 0 for s in steps)  # prefill steps too
 
 
+def test_a_hot_restart_to_an_fp8_pool_halves_the_kv_bytes_a_step_counts(tiny: Path) -> None:
+    """The byte model follows the engine's pool across a restart that rebuilds it."""
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+
+    def decode_kv_per_step(eng: Engine) -> set[int]:
+        sub = eng.subscribe()
+        sub.poll()
+        eng.generate([[1, 2, 3, 4, 5]], params)
+        wait_idle(eng)
+        decode = [r for r in sub.poll() if isinstance(r, StepRecord) and r.kind == "decode"]
+        # one request: each step reads one more position than the step before it
+        return {b.bytes_read - a.bytes_read for a, b in zip(decode, decode[1:], strict=False)}
+
+    with Engine(EngineConfig(model=str(tiny), max_total_tokens=256)) as eng:
+        bf = decode_kv_per_step(eng)
+        eng.restart({"kv_cache_dtype": "fp8_e4m3"})
+        fp8 = decode_kv_per_step(eng)
+    # tiny: 2 layers x K and V x 1 KV head x 16 dims, fp32 then one byte
+    assert bf == {2 * 2 * 16 * 4} and fp8 == {2 * 2 * 16}
+
+
 def test_the_copy_rate_is_a_finite_rate_and_reaches_describe(engine: Engine) -> None:
     rate = copy_rate(torch.device("cpu"), 8 << 20)
     assert math.isfinite(rate) and rate > 1e8  # any memory copies well over 100 MB/s
