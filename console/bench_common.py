@@ -57,6 +57,14 @@ def json_rows(count: int) -> str:
     return f"{count} JSON row{'' if count == 1 else 's'}"
 
 
+def read_cell(read_gb_s: float | None, copy_gb_s: float | None) -> str:
+    """A decode read rate in GB/s and, in brackets, its share of the copy rate: '2,620 (87%)'."""
+    if read_gb_s is None:
+        return "-"
+    text = f"{read_gb_s:,.0f}" if read_gb_s >= 100 else f"{read_gb_s:.1f}"
+    return text + (f" ({read_gb_s / copy_gb_s:.0%})" if copy_gb_s else "")
+
+
 def progress_bar() -> Progress:
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
     # Off when stderr is not a terminal: a log file would only get stray blank lines.

@@ -19,7 +19,7 @@ from rich.table import Table
 
 from llmconsole.core.config import EngineConfig
 
-from .bench_common import append_jsonl, check_min, fail, json_rows, machine_info
+from .bench_common import append_jsonl, check_min, fail, json_rows, machine_info, read_cell
 from .bench_hf import HFReference
 from .bench_runs import RunRecords, RunStats, build_prompts, run_ours, warm_up
 
@@ -69,20 +69,12 @@ def runs_table(runs: Sequence[tuple[str, RunStats]]) -> Table:
         ("decode step p50 (ms)", lambda r: _fmt(r.decode_ms_median, 2)),
         ("decode step p99 (ms)", lambda r: _fmt(r.decode_ms_p99, 2)),
         ("decode batch p50", lambda r: _fmt(r.decode_batch_median)),
-        ("decode reads GB/s (of copy)", _read_cell),
+        ("decode reads GB/s (of copy)", lambda r: read_cell(r.decode_read_gb_s, r.copy_gb_s)),
         ("mean TTFT (ms)", lambda r: _fmt(None if r.ttft_mean_s is None else r.ttft_mean_s * 1e3)),
     ]
     for metric, cell in metrics:
         table.add_row(metric, *(cell(run) for _, run in runs))
     return table
-
-
-def _read_cell(run: RunStats) -> str:
-    """Weights + attended KV over decode time; in brackets, the share of the copy rate."""
-    read, copy = run.decode_read_gb_s, run.copy_gb_s
-    if read is None:
-        return "-"
-    return _fmt(read) + (f" ({read / copy:.0%})" if copy else "")
 
 
 def comparison_table(pairs: Sequence[tuple[str, RunStats, RunStats]]) -> Table:

@@ -34,7 +34,15 @@ from llmconsole.core.sampling_params import SamplingParams
 from llmconsole.core.scheduler import ScheduledBatch, Scheduler
 from llmconsole.core.spec.chain_verify import verify_chain
 
-from .bench_common import append_jsonl, check_min, err, fail, json_rows, machine_info
+from .bench_common import (
+    append_jsonl,
+    check_min,
+    err,
+    fail,
+    json_rows,
+    machine_info,
+    read_cell,
+)
 
 BATCH_SIZES = typer.Option(
     [1, 8, 32], "--batch-size", help="batch sizes (SGLang style: --batch-size 1 8 32)"
@@ -307,11 +315,6 @@ def decode_read_rate(r: OneBatchResult) -> float:
     return r.decode_bytes / (ms / 1e3)
 
 
-def _read_cell(read: float, copy: float) -> str:
-    gbs = read / 1e9
-    return (f"{gbs:,.0f}" if gbs >= 100 else f"{gbs:.1f}") + f" ({read / copy:.0%})"
-
-
 def _table(
     runtime: Runtime, results: list[OneBatchResult], rate: float | None, copy: float
 ) -> Table:
@@ -347,7 +350,7 @@ def _table(
             f"{r.eager_step_ms:.2f}",
             f"{r.eager_tok_s:.0f}",
             graph[2],
-            _read_cell(decode_read_rate(r), copy),
+            read_cell(decode_read_rate(r) / 1e9, copy / 1e9),
         )
     caption = (
         "read GB/s: the weights and attended KV a decode step must read, over its time (the "

@@ -197,6 +197,7 @@ def run_ours(
     requests that stretched a CPU step of the tiny model from ~9 to ~13 ms and more."""
     from llmconsole.core import SamplingParams
     from llmconsole.core.server.streams import DeltaStream  # imported before the clock starts
+    from llmconsole.core.telemetry import read_rate
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     concurrency = min(concurrency, len(prompts))
@@ -229,8 +230,7 @@ def run_ours(
     verify = [s for s in steps if s.kind == "verify"]
     ttfts = [r.ttft_s for r in finished if r.ttft_s is not None]
     durations_ms = [s.duration_s * 1000 for s in decode]
-    plain = [s for s in decode if s.kind == "decode" and s.bytes_read]
-    busy = sum(s.duration_s for s in plain)
+    read = read_rate((s.bytes_read, s.duration_s) for s in decode if s.kind == "decode")
     return RunStats(
         system="llmconsole",
         batch=concurrency,
@@ -244,7 +244,7 @@ def run_ours(
         decode_ms_median=statistics.median(durations_ms) if decode else None,
         decode_ms_p99=_percentile(durations_ms, 0.99) if decode else None,
         decode_batch_median=statistics.median(s.batch_size for s in decode) if decode else None,
-        decode_read_gb_s=sum(s.bytes_read for s in plain) / busy / 1e9 if busy > 0 else None,
+        decode_read_gb_s=None if read is None else read / 1e9,
         copy_gb_s=engine.memory_copy_rate / 1e9,
         spec_passes=sum(s.batch_size for s in verify),
         drafted_tokens=sum(s.drafted_tokens for s in verify),

@@ -7,12 +7,20 @@ session, for the CSV export.
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmconsole.core.telemetry import EngineEvent, LiveRequest, Record, RequestRecord, StepRecord
+from llmconsole.core.telemetry import (
+    EngineEvent,
+    LiveRequest,
+    Record,
+    RequestRecord,
+    StepRecord,
+    read_rate,
+)
 
 
 @dataclass
@@ -181,18 +189,9 @@ class ConsoleModel:
         return total / window_s
 
     def decode_read_rate(self, now: float, window_s: float = 3.0) -> float | None:
-        """Bytes per second that decode steps read over the last `window_s` seconds: their bytes
-        over their own durations (idle time between steps does not dilute it). None without a
-        decode step that carries a byte count (recordings from before the count)."""
-        read = 0
-        busy = 0.0
-        for step in reversed(self.steps):
-            if step.time < now - window_s:
-                break
-            if step.kind == "decode" and step.bytes_read:
-                read += step.bytes_read
-                busy += step.duration_s
-        return read / busy if busy > 0 else None
+        """Bytes per second decode steps read over the last `window_s` seconds (read_rate)."""
+        recent = itertools.takewhile(lambda s: s.time >= now - window_s, reversed(self.steps))
+        return read_rate((s.bytes_read, s.duration_s) for s in recent if s.kind == "decode")
 
     def chart_series(self, now: float) -> tuple[list[float], list[float], list[float], list[float]]:
         """x = seconds relative to now (≤ 0), output tok/s, running, queue: one point a second,

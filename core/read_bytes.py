@@ -11,7 +11,6 @@ or fp16 on GPU; MKL's packed copy holds the same elements).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -55,12 +54,6 @@ def kv_bytes_per_position(spec: KVPoolSpec) -> int:
     return spec.bytes_per_page // spec.page_size
 
 
-def kv_positions_read(ends: Iterable[int], extra: int = 0) -> int:
-    """Positions attention reads: [0, end) for each chunk, plus `extra` (draft tokens verified
-    in the same pass, which attend to their request's context and to each other)."""
-    return sum(ends) + extra
-
-
 @dataclass
 class StepReads:
     """Bytes read per step for one loaded model and KV pool. Weight bytes depend only on the row
@@ -83,5 +76,7 @@ class StepReads:
         """One step over `batch`, with `drafted` draft tokens verified in it."""
         rows = batch.num_tokens + drafted
         logit_rows = drafted + sum(chunk.samples for chunk in batch.chunks)
-        kv = kv_positions_read((chunk.end for chunk in batch.chunks), drafted)
+        # attention reads [0, end) of each chunk's request; a verified draft token attends to its
+        # request's context and the drafts before it, counted once each
+        kv = drafted + sum(chunk.end for chunk in batch.chunks)
         return self.weights(rows, logit_rows) + kv * self.kv_position_bytes

@@ -216,3 +216,15 @@ def export_session(records: Iterable[Record], folder: Path) -> dict[str, int]:
         ),
         "events.csv": write_csv(folder / "events.csv", of_type(records, EngineEvent), EngineEvent),
     }
+
+
+def read_rate(reads: Iterable[tuple[int, float]]) -> float | None:
+    """Bytes per second of steps given as (bytes read, seconds): their bytes over their own
+    time, so idle gaps between steps do not dilute it. None when no step carries bytes (a
+    recording from before the count)."""
+    total = busy = 0.0
+    for nbytes, seconds in reads:
+        if nbytes:
+            total += nbytes
+            busy += seconds
+    return total / busy if busy > 0 else None

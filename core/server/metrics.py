@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from ..request import FinishReason
-from ..telemetry import Record, RequestRecord, StepRecord
+from ..telemetry import Record, RequestRecord, StepRecord, read_rate
 
 PREFIX = "llmconsole:"
 WINDOW_S = 5.0
@@ -272,7 +272,5 @@ class EngineMetrics:
         self.spec_accept_rate.labels(model_name=m).set(accepted / drafted if drafted else 0.0)
 
         # Decode is memory-bound: its bytes over its own time, set against the copy rate.
-        decode = [s for s in steps if s.decode_bytes]
-        busy = sum(s.end - s.start for s in decode)
-        rate = sum(s.decode_bytes for s in decode) / busy if busy > 0 else 0.0
-        self.decode_read_bandwidth.labels(model_name=m).set(rate)
+        rate = read_rate((s.decode_bytes, s.end - s.start) for s in steps)
+        self.decode_read_bandwidth.labels(model_name=m).set(rate or 0.0)
