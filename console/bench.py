@@ -87,6 +87,7 @@ def register(
     from .bench_restart import register_restart_bench
     from .bench_serve import register_serve
     from .bench_spec import register_spec_bench
+    from .bench_tune import register_tune
 
     register_serve(bench_app)
     register_overhead(bench_app, engine_flags, start_engine)
@@ -94,3 +95,4 @@ def register(
     register_one_batch(bench_app, engine_flags)
     register_restart_bench(bench_app, engine_flags, start_engine)
     register_spec_bench(bench_app, engine_flags, start_engine)
+    register_tune(bench_app)

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from . import pdl
+from .skinny_table import SkinnyConfig, table_on
 
 
 @triton.jit
@@ -150,16 +151,6 @@ class SplitPartials:
         return out
 
 
-@dataclass(frozen=True)
-class SkinnyConfig:
-    block_m: int
-    block_n: int
-    block_k: int
-    num_warps: int
-    num_stages: int
-    split_k: int = 1  # K slices summed by a second kernel (narrow W: more programs)
-
-
 # Rows of x this kernel takes; outside it cuBLAS (one row: kernels/gemv.py).
 MIN_ROWS, MAX_ROWS = 2, 64
 # Wide weights (gate_up, LM head: thousands of N blocks) at any of those rows.
@@ -215,30 +206,49 @@ def silu_mul_config(m: int, n: int, k: int) -> SkinnyConfig:
     return SkinnyConfig(block_m, 64, min(128, triton.next_power_of_2(k)), 4, 4)
 
 
-def supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def _layout_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """A few rows of x (unit column stride) against a weight with contiguous rows, on CUDA, in
-    one half-precision dtype, of a shape this kernel beats cuBLAS on (wide, or narrow)."""
+    one half-precision dtype."""
     return (
         SWITCHED_ON
         and x.is_cuda
         and x.dim() == 2
-        and MIN_ROWS <= x.shape[0] <= MAX_ROWS
+        and x.shape[0] >= MIN_ROWS
         and x.stride(1) == 1
         and weight.stride(1) == 1
         and x.dtype == weight.dtype
         and x.dtype in (torch.bfloat16, torch.float16)
-        and (weight.shape[0] >= WIDE_ROWS or _narrow(x.shape[0], weight.shape[0], weight.shape[1]))
     )
+
+
+def tuned_config(op: str, x: torch.Tensor, weight: torch.Tensor) -> SkinnyConfig | None:
+    """The shape this card's table (kernels/skinny_table.py) measured for `op` at x's rows."""
+    if MODE != "1" or not x.is_cuda:
+        return None
+    table = table_on(x.device)
+    if table is None:
+        return None
+    return table.lookup(op, x.shape[0], weight.shape[0], weight.shape[1])
+
+
+def supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """x and W in a layout this kernel takes, of a shape it beats cuBLAS on: wide or narrow at
+    2-64 rows (the built-in rules), or any shape and rows this card's table holds."""
+    if not _layout_ok(x, weight):
+        return False
+    m, (n, k) = x.shape[0], weight.shape
+    if m <= MAX_ROWS and (n >= WIDE_ROWS or _narrow(m, n, k)):
+        return True
+    return tuned_config("gemm", x, weight) is not None
 
 
 def supports_silu_mul(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `skinny_gemm_silu_mul` takes this merged [gate; up] weight."""
-    return (
-        MODE == "1"
-        and supported(x, weight)
-        and weight.shape[0] >= WIDE_ROWS
-        and weight.shape[0] % 2 == 0
-    )
+    if MODE != "1" or weight.shape[0] % 2 or not _layout_ok(x, weight):
+        return False
+    if x.shape[0] <= MAX_ROWS and weight.shape[0] >= WIDE_ROWS:
+        return True
+    return tuned_config("silu_mul", x, weight) is not None
 
 
 def skinny_gemm_silu_mul(
@@ -251,7 +261,7 @@ def skinny_gemm_silu_mul(
     gate and up rows, so the [M, 2N] projection never goes to memory."""
     m, k = x.shape
     n = weight.shape[0] // 2
-    cfg = config or silu_mul_config(m, n, k)
+    cfg = config or tuned_config("silu_mul", x, weight) or silu_mul_config(m, n, k)
     assert cfg.split_k == 1, "SiLU does not distribute over K slices"
     result = _launch(x, weight, None, out, cfg, n, silu_mul=True)
     assert isinstance(result, torch.Tensor)
@@ -270,7 +280,7 @@ def skinny_gemm(
     DEFER_MAX_SPLIT slices comes back as its SplitPartials, unsummed, for a fused consumer."""
     m, k = x.shape
     n = weight.shape[0]
-    cfg = config or skinny_config(m, n, k)
+    cfg = config or tuned_config("gemm", x, weight) or skinny_config(m, n, k)
     return _launch(x, weight, bias, out, cfg, n, silu_mul=False, defer_sum=defer_sum)
 
 

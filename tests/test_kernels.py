@@ -652,6 +652,102 @@ def test_gpu_skinny_gate_up_silu_mul_matches_the_unfused_path_in_a_graph(
     torch.testing.assert_close(out, eager, rtol=2e-2, atol=2e-3)
 
 
+@pytest.fixture
+def table_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], None]]:
+    """Point the skinny GEMM at a table file (or "off") for one test, re-read on each change."""
+    from llmconsole.kernels import skinny_table as st
+
+    def use(value: str) -> None:
+        monkeypatch.setenv(st.TUNING_ENV, value)
+        st.table_for.cache_clear()
+
+    yield use
+    monkeypatch.undo()
+    st.table_for.cache_clear()
+
+
+@pytest.mark.gpu
+def test_gpu_a_cards_table_takes_rows_past_64_with_its_shapes_in_a_graph(
+    cuda: torch.device, tmp_path: Path, table_env: Callable[[str], None]
+) -> None:
+    """Rows the built-in rules leave to cuBLAS (65-128) go through our kernel where the card's
+    table has an entry for that weight: with the entry's shape (split-K included), right values,
+    replayed from a graph; the fused gate_up + SiLU too. Past the entry's rows, or with the
+    table off, cuBLAS keeps them; a broken table file fails the model's load."""
+    from llmconsole.core.models.llama import Kernels, linear
+    from llmconsole.kernels import activation
+    from llmconsole.kernels import skinny_gemm as sg
+    from llmconsole.kernels import skinny_table as st
+
+    o_cfg = st.SkinnyConfig(128, 64, 128, 4, 3, split_k=2)
+    silu_cfg = st.SkinnyConfig(128, 64, 64, 4, 3)
+    entries = (
+        st.TunedEntry("gemm", 4096, 4096, 65, 128, o_cfg, 1.0, 2.0),
+        st.TunedEntry("silu_mul", 2 * 14336, 4096, 65, 128, silu_cfg, 1.0, 2.0),
+    )
+    path = tmp_path / "table.json"
+    st.SkinnyTable(torch.cuda.get_device_name(cuda), entries, "test").save(path)
+    table_env(str(path))
+    kernels = Kernels.for_device(cuda)
+    w = torch.randn(4096, 4096, device=cuda, dtype=torch.bfloat16) * 0.02
+    for rows in (72, 128):
+        x = torch.randn(rows, 4096, device=cuda, dtype=torch.bfloat16)
+        assert sg.supported(x, w) and sg.tuned_config("gemm", x, w) == o_cfg
+        want = x.float() @ w.float().t()
+        out = torch.empty(rows, 4096, device=cuda, dtype=torch.bfloat16)
+        linear(x, w, None, kernels, out=out)  # warm-up outside the graph: cuBLAS
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            linear(x, w, None, kernels, out=out)
+        out.zero_()
+        graph.replay()
+        assert ((out.float() - want).abs().max() / want.abs().max()).item() < 1e-2
+        mine = sg.skinny_gemm(x, w, config=o_cfg)
+        torch.testing.assert_close(out, mine, rtol=0, atol=0)  # the graph ran that shape
+    assert not sg.supported(torch.randn(129, 4096, device=cuda, dtype=torch.bfloat16), w)
+    gate_up = torch.randn(2 * 14336, 4096, device=cuda, dtype=torch.bfloat16) * 0.02
+    x = torch.randn(96, 4096, device=cuda, dtype=torch.bfloat16)
+    assert sg.supports_silu_mul(x, gate_up) and not sg.supported(x, gate_up)
+    want = activation.silu_and_mul((x.float() @ gate_up.float().t()).to(torch.bfloat16))
+    got = sg.skinny_gemm_silu_mul(x, gate_up)
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-3)
+    mine = sg.skinny_gemm_silu_mul(x, gate_up, config=silu_cfg)
+    torch.testing.assert_close(got, mine, rtol=0, atol=0)
+    table_env("off")
+    assert not sg.supported(torch.randn(128, 4096, device=cuda, dtype=torch.bfloat16), w)
+    assert not sg.supports_silu_mul(x, gate_up)
+    (tmp_path / "broken.json").write_text("{")
+    table_env(str(tmp_path / "broken.json"))
+    with pytest.raises(ValueError, match="not a skinny GEMM table"):
+        Kernels.for_device(cuda)
+
+
+@pytest.mark.gpu
+def test_gpu_this_cards_table_gives_right_products(cuda: torch.device) -> None:
+    """Every entry of the table the engine reads on this card (shipped, or the one
+    LLMCONSOLE_SKINNY_TUNING names) computes its product within bf16 of fp32 at both ends of
+    its rows."""
+    from llmconsole.kernels import skinny_gemm as sg
+    from llmconsole.kernels import skinny_table as st
+
+    table = st.table_on(cuda)
+    if table is None:
+        pytest.skip(f"no skinny GEMM table for {torch.cuda.get_device_name(cuda)}")
+    for e in table.entries:
+        w = torch.randn(e.n, e.k, device=cuda, dtype=torch.bfloat16) * 0.02
+        for rows in (e.min_rows, e.max_rows):
+            x = torch.randn(rows, e.k, device=cuda, dtype=torch.bfloat16)
+            product = (x.float() @ w.float().t()).to(torch.bfloat16)
+            if e.op == "silu_mul":
+                got = sg.skinny_gemm_silu_mul(x, w, config=e.config)
+                gate, up = product.float().chunk(2, -1)
+                want = torch.nn.functional.silu(gate) * up
+            else:
+                got, want = sg.skinny_gemm(x, w, config=e.config), product.float()
+            err = ((got.float() - want).abs().max() / want.abs().max()).item()
+            assert err < 2e-2, (e, rows, err)
+
+
 @pytest.mark.gpu
 def test_gpu_mlp_down_slices_summed_in_the_next_norm_match_the_plain_path(
     cuda: torch.device,

@@ -60,8 +60,9 @@ class Kernels:
     def for_device(device: torch.device) -> Kernels | None:
         if device.type != "cuda" or importlib.util.find_spec("triton") is None:
             return None
-        from ...kernels import activation, gemv, norm, rope_kv, skinny_gemm
+        from ...kernels import activation, gemv, norm, rope_kv, skinny_gemm, skinny_table
 
+        skinny_table.table_on(device)  # a bad tuning file fails the load, not a graph capture
         return Kernels(norm, activation, rope_kv, gemv, skinny_gemm)
 
 
