@@ -21,7 +21,7 @@ from llmconsole.core.attention import AttentionInputs, TorchAttention, make_back
 from llmconsole.core.kv_cache import KVPool, KVPoolSpec
 
 if TYPE_CHECKING:
-    from llmconsole.core.models.llama import MLP
+    from llmconsole.core.models.llama import MLP, Kernels
 
 # ---- shared builders ---------------------------------------------------------------------------
 
@@ -553,12 +553,27 @@ def test_gpu_norm_and_activation(cuda: torch.device) -> None:
         torch.testing.assert_close(activation.silu_and_mul(gate_up), want)
 
 
+def linear_from_a_graph(x: torch.Tensor, w: torch.Tensor, kernels: Kernels | None) -> torch.Tensor:
+    """The model's linear(x, w) captured into a CUDA graph (after an eager warm-up, which takes
+    cuBLAS) and replayed into a zeroed output."""
+    from llmconsole.core.models.llama import linear
+
+    out = torch.empty(x.shape[0], w.shape[0], device=x.device, dtype=x.dtype)
+    linear(x, w, None, kernels, out=out)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        linear(x, w, None, kernels, out=out)
+    out.zero_()
+    graph.replay()
+    return out
+
+
 @pytest.mark.gpu
 def test_gpu_skinny_gemm_matches_fp32_reference_in_a_graph(cuda: torch.device) -> None:
     """Batched decode's wide projections (gate_up, LM head) at graph bucket sizes, launched
     plainly and replayed from a CUDA graph, against an fp32 product; and the model's linear()
     takes the kernel only while capturing, for wide weights and 2-64 rows."""
-    from llmconsole.core.models.llama import Kernels, linear
+    from llmconsole.core.models.llama import Kernels
     from llmconsole.kernels import skinny_gemm as sg
 
     kernels = Kernels.for_device(cuda)
@@ -571,13 +586,7 @@ def test_gpu_skinny_gemm_matches_fp32_reference_in_a_graph(cuda: torch.device) -
         scale = want.abs().max()
         got = sg.skinny_gemm(x, w)
         assert ((got.float() - want).abs().max() / scale).item() < 1e-2
-        out = torch.empty(rows, n, device=cuda, dtype=torch.bfloat16)
-        linear(x, w, None, kernels, out=out)  # warm-up outside the graph: cuBLAS
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            linear(x, w, None, kernels, out=out)
-        out.zero_()
-        graph.replay()
+        out = linear_from_a_graph(x, w, kernels)
         torch.testing.assert_close(out, got, rtol=0, atol=0)  # the graph ran our kernel
     assert not sg.supported(torch.randn(65, 64, device=cuda, dtype=torch.bfloat16), w[:, :64])
     narrow = torch.randn(4096, 4096, device=cuda, dtype=torch.bfloat16)
@@ -674,7 +683,7 @@ def test_gpu_a_cards_table_takes_rows_past_64_with_its_shapes_in_a_graph(
     table has an entry for that weight: with the entry's shape (split-K included), right values,
     replayed from a graph; the fused gate_up + SiLU too. Past the entry's rows, or with the
     table off, cuBLAS keeps them; a broken table file fails the model's load."""
-    from llmconsole.core.models.llama import Kernels, linear
+    from llmconsole.core.models.llama import Kernels
     from llmconsole.kernels import activation
     from llmconsole.kernels import skinny_gemm as sg
     from llmconsole.kernels import skinny_table as st
@@ -694,13 +703,7 @@ def test_gpu_a_cards_table_takes_rows_past_64_with_its_shapes_in_a_graph(
         x = torch.randn(rows, 4096, device=cuda, dtype=torch.bfloat16)
         assert sg.supported(x, w) and sg.tuned_config("gemm", x, w) == o_cfg
         want = x.float() @ w.float().t()
-        out = torch.empty(rows, 4096, device=cuda, dtype=torch.bfloat16)
-        linear(x, w, None, kernels, out=out)  # warm-up outside the graph: cuBLAS
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            linear(x, w, None, kernels, out=out)
-        out.zero_()
-        graph.replay()
+        out = linear_from_a_graph(x, w, kernels)
         assert ((out.float() - want).abs().max() / want.abs().max()).item() < 1e-2
         mine = sg.skinny_gemm(x, w, config=o_cfg)
         torch.testing.assert_close(out, mine, rtol=0, atol=0)  # the graph ran that shape
