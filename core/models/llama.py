@@ -62,7 +62,12 @@ class Kernels:
             return None
         from ...kernels import activation, gemv, norm, rope_kv, skinny_gemm, skinny_table
 
-        skinny_table.table_on(device)  # a bad tuning file fails the load, not a graph capture
+        try:  # a bad table file fails the load in one line, not a graph capture later
+            skinny_table.table_on(device)
+        except ValueError as e:
+            from ..config import ConfigError
+
+            raise ConfigError(f"{e} (or set {skinny_table.TUNING_ENV}=off)") from None
         return Kernels(norm, activation, rope_kv, gemv, skinny_gemm)
 
 
