@@ -17,7 +17,7 @@ from llmconsole.core.models.dummy_shapes import dummy_config
 from llmconsole.core.models.llama import LlamaForCausalLM
 from llmconsole.kernels import skinny_table as st
 from llmconsole.kernels.skinny_table import SkinnyConfig, SkinnyTable, TunedEntry
-from llmconsole.kernels.skinny_tune import candidates, row_ranges, splits_for
+from llmconsole.kernels.skinny_tune import candidates, matches, row_ranges, splits_for, wins
 
 H100 = "NVIDIA H100 80GB HBM3"
 CFG = SkinnyConfig(128, 64, 128, 4, 4, split_k=2)
@@ -132,6 +132,19 @@ def test_candidates_fit_the_card_and_fill_its_sms() -> None:
     assert len(candidates("gemm", 128, 4096, 4096, sms, 99 * 1024)) < len(
         candidates("gemm", 128, 4096, 4096, sms, smem)
     )  # a card with less shared memory gets fewer deep pipelines
+
+
+def test_a_shape_is_kept_only_when_faster_by_the_margin_and_right() -> None:
+    assert wins(96.0, 100.0, 0.03) and wins(97.0, 100.0, 0.03)
+    assert not wins(97.5, 100.0, 0.03)  # faster, but within the margin: noise, not a win
+    assert not wins(101.0, 100.0, 0.0)
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(8, 64, generator=gen), torch.randn(32, 64, generator=gen)
+    want = x @ w.t()
+    assert matches((x.bfloat16() @ w.bfloat16().t()), want)  # bf16 rounding passes
+    wrong = want.clone()
+    wrong[3, 5] += 0.1 * want.abs().max()  # one element off: a broken launch shape
+    assert not matches(wrong, want)
 
 
 def test_tuned_products_are_the_weights_the_model_multiplies_by() -> None:
