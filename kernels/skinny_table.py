@@ -57,6 +57,14 @@ class TunedEntry:
         if self.n < 1 or self.k < 1:
             raise ValueError(f"bad weight shape {self.n}x{self.k}")
 
+    def overlaps(self, other: TunedEntry) -> bool:
+        """Same op and weight, and some row count in both ranges."""
+        return (
+            (self.op, self.n, self.k) == (other.op, other.n, other.k)
+            and self.min_rows <= other.max_rows
+            and other.min_rows <= self.max_rows
+        )
+
 
 @dataclass(frozen=True)
 class SkinnyTable:
@@ -69,7 +77,7 @@ class SkinnyTable:
         for e in self.entries:
             same = index.setdefault((e.op, e.n, e.k), [])
             for other in same:
-                if e.min_rows <= other.max_rows and other.min_rows <= e.max_rows:
+                if e.overlaps(other):
                     raise ValueError(
                         f"{e.op} {e.n}x{e.k}: rows {e.min_rows}-{e.max_rows} overlap "
                         f"{other.min_rows}-{other.max_rows}"
@@ -87,16 +95,7 @@ class SkinnyTable:
 
     def merged(self, newer: SkinnyTable) -> SkinnyTable:
         """This table with `newer`'s entries replacing the ones they overlap."""
-        kept = [
-            e
-            for e in self.entries
-            if not any(
-                (e.op, e.n, e.k) == (f.op, f.n, f.k)
-                and e.min_rows <= f.max_rows
-                and f.min_rows <= e.max_rows
-                for f in newer.entries
-            )
-        ]
+        kept = [e for e in self.entries if not any(e.overlaps(f) for f in newer.entries)]
         return SkinnyTable(newer.device, tuple(kept) + newer.entries, newer.command)
 
     def to_json(self) -> str:

@@ -43,7 +43,6 @@ class Measured:
     baseline_us: float  # cuBLAS (+ SiLU-and-mul kernel)
     best: SkinnyConfig | None  # None: no candidate ran
     best_us: float
-    tried: int
     kept: bool  # beat the baseline by the margin and matched its values
 
 
@@ -93,6 +92,14 @@ def candidates(
                     for split in (1,) if silu else splits_for(tiles, k, block_k, num_sms):
                         out.append(SkinnyConfig(block_m, block_n, block_k, warps, stages, split))
     return out
+
+
+def _card_limits(device: torch.device) -> tuple[int, int]:
+    """(SMs, shared memory a block may opt into, in bytes) of the card."""
+    props = torch.cuda.get_device_properties(device)
+    return props.multi_processor_count, int(
+        getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024
+    )
 
 
 def graph_us(fn: Callable[[int], None], calls: int, repeats: int = 5) -> float:
@@ -168,12 +175,9 @@ def measure(
     baseline_us = graph_us(baseline, calls)
     baseline(0)
     want = out.clone()
-    props = torch.cuda.get_device_properties(device)
-    smem = int(getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024)
     best: SkinnyConfig | None = None
     best_us = float("inf")
-    tried = 0
-    for cfg in candidates(p.op, rows, p.n, p.k, props.multi_processor_count, smem):
+    for cfg in candidates(p.op, rows, p.n, p.k, *_card_limits(device)):
         launch = _launcher(silu, x, ws, out, cfg)
         try:
             us = graph_us(launch, calls)
@@ -183,14 +187,13 @@ def measure(
         finally:
             if on_candidate is not None:
                 on_candidate()
-        tried += 1
         if us < best_us:
             best, best_us = cfg, us
     kept = False
     if best is not None and wins(best_us, baseline_us, margin):
         _launcher(silu, x, ws, out, best)(0)
         kept = matches(out, want)
-    return Measured(p, rows, baseline_us, best, best_us, tried, kept)
+    return Measured(p, rows, baseline_us, best, best_us, kept)
 
 
 def _launcher(
@@ -208,13 +211,8 @@ def _launcher(
 
 def count_candidates(products: Iterable[Product], rows: Iterable[int], device: torch.device) -> int:
     """How many shapes `tune` will time (for a progress bar)."""
-    props = torch.cuda.get_device_properties(device)
-    smem = int(getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024)
-    return sum(
-        len(candidates(p.op, r, p.n, p.k, props.multi_processor_count, smem))
-        for p in products
-        for r in rows
-    )
+    limits = _card_limits(device)
+    return sum(len(candidates(p.op, r, p.n, p.k, *limits)) for p in products for r in rows)
 
 
 def tune(

@@ -164,8 +164,9 @@ def _graph_gemv(x: torch.Tensor, weight: torch.Tensor, kernels: Kernels) -> bool
 
 
 def _graph_skinny(x: torch.Tensor, weight: torch.Tensor, kernels: Kernels) -> bool:
-    """A few rows being captured into a CUDA graph, in a layout the skinny GEMM takes."""
-    return kernels.skinny_gemm.supported(x, weight) and torch.cuda.is_current_stream_capturing()
+    """A few rows being captured into a CUDA graph, in a layout the skinny GEMM takes. Capture is
+    tested first: past 64 rows `supported` looks up the card's table, which eager steps skip."""
+    return torch.cuda.is_current_stream_capturing() and kernels.skinny_gemm.supported(x, weight)
 
 
 class Embedding(nn.Module):
@@ -399,8 +400,8 @@ class MLP(nn.Module):
             if (
                 gate_up.bias is None
                 and x.shape[0] > 1
-                and kernels.skinny_gemm.supports_silu_mul(x, gate_up.weight)
                 and torch.cuda.is_current_stream_capturing()
+                and kernels.skinny_gemm.supports_silu_mul(x, gate_up.weight)
             ):  # batched decode in a graph: the same in the skinny GEMM's epilogue
                 act = kernels.skinny_gemm.skinny_gemm_silu_mul(x, gate_up.weight)
                 return self.down_proj.forward_unsummed(act)
