@@ -5,7 +5,8 @@ G = H / Hkv query heads that share one KV head (padded to >= 16 rows for tl.dot)
 the request's KV positions, gathers K/V rows through `kv_slots`, and writes its partial softmax
 (normalised output and log2-sum-exp per head) to a fp32 workspace. KV is read once per group.
 Stage 2, grid (B, H): merges the splits. Splitting is what lets batch 1 with 4k tokens of KV
-fill an H100's 132 SMs; large batches already fill them and get one split.
+fill an H100's 132 SMs; large batches already fill them and get 1-4 splits, whichever leaves the
+last wave of programs least idle (`decode_num_splits`).
 
 Each request cuts its own KV length into `num_splits` slices (on the device), so a launch with a
 fixed `num_splits` suits any lengths: that is what a CUDA graph replays. With `kv_rows`, request
@@ -152,10 +153,54 @@ def _decode_stage2(
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_d)
 
 
-def decode_num_splits(batch_size: int, num_kv_heads: int, max_kv_len: int, num_sms: int) -> int:
-    """Enough splits for ~2 programs per SM, each at least one BLOCK_N of KV, at most 64."""
-    wanted = triton.cdiv(2 * num_sms, max(batch_size * num_kv_heads, 1))
-    return max(1, min(wanted, triton.cdiv(max_kv_len, _TILE["block_n"]), 64))
+# Stage 1 as compiled for sm_90 at batch 32+ (Triton 3.x; block_n 64, 4 warps, 2 stages, the
+# pool and strides 16-byte aligned, as launches specialise them): 80 registers a thread and 38.9
+# KB of shared memory, so 5 programs fit an H100 / H200 SM (shared memory is the limit).
+_STAGE1_REGS, _STAGE1_SMEM = 80, 38912
+# Wave model for large batches, fitted to a sweep on an H100 (Llama-3-8B heads, KV 1,024, 8
+# layers' pools in one graph; µs per layer at splits 1 / 2 / 3 / 4): batch 64 100.1 / 102.7 /
+# 106.2 / 109.5, 96 175.5 / 155.0 / 154.6 / 155.5, 128 197.8 / 209.4 / 201.7 / 208.4, 256
+# 408.1 / 393.8 / 401.7 / 406.3. A last wave under TAIL_FLOOR full takes as long as one that
+# full (too few programs to keep HBM busy); each extra split costs SPLIT_COST (q re-read, partial
+# results, shorter programs). Batch 96 at one split is 768 programs for 660 slots: a 16% tail.
+_TAIL_FLOOR, _SPLIT_COST, _MAX_WAVE_SPLITS = 0.3, 0.025, 4
+
+
+def stage1_resident(
+    num_sms: int, regs_per_sm: int = 65536, smem_per_sm: int = 233472, threads_per_sm: int = 2048
+) -> int:
+    """Stage-1 programs one SM holds at once (batch 32+ tile), from the card's limits; the
+    driver keeps 1 KB of shared memory per block."""
+    threads = _TILE["warps"] * 32
+    by_regs = regs_per_sm // (_STAGE1_REGS * threads)
+    by_smem = smem_per_sm // (_STAGE1_SMEM + 1024)
+    return max(1, min(by_regs, by_smem, threads_per_sm // threads))
+
+
+def wave_cost(programs: int, slots: int) -> float:
+    """Time of `programs` equal memory-bound programs over `slots` resident at once, relative to
+    the same bytes spread perfectly: a last wave fuller than _TAIL_FLOOR runs at full rate."""
+    waves = programs / slots
+    whole = int(waves)
+    tail = waves - whole
+    return (whole + (max(tail, _TAIL_FLOOR) if tail > 0 else 0.0)) / waves
+
+
+def decode_num_splits(
+    batch_size: int, num_kv_heads: int, max_kv_len: int, num_sms: int, resident: int = 5
+) -> int:
+    """KV splits per request. Small batches: enough for ~2 programs per SM, each at least one
+    BLOCK_N of KV, at most 64. Batches that fill the SMs on their own (B x Hkv >= 2 x SMs): 1-4
+    splits, whichever leaves the least idle tail in the last wave of programs (`wave_cost`,
+    `resident` programs per SM; see `stage1_resident`)."""
+    programs = max(batch_size * num_kv_heads, 1)
+    wanted = triton.cdiv(2 * num_sms, programs)
+    most = triton.cdiv(max_kv_len, _TILE["block_n"])
+    if wanted > 1:
+        return max(1, min(wanted, most, 64))
+    slots = num_sms * resident
+    options = range(1, max(1, min(_MAX_WAVE_SPLITS, most)) + 1)
+    return min(options, key=lambda s: wave_cost(programs * s, slots) * (1 + _SPLIT_COST * (s - 1)))
 
 
 def decode_workspace(

@@ -17,7 +17,12 @@ from typing import TYPE_CHECKING
 import torch
 import triton
 
-from ...kernels.decode_attention import decode_attention, decode_num_splits, decode_workspace
+from ...kernels.decode_attention import (
+    decode_attention,
+    decode_num_splits,
+    decode_workspace,
+    stage1_resident,
+)
 from ...kernels.extend_attention import extend_attention
 from ..kv_cache import KVPool
 from ..transfer import to_device
@@ -36,8 +41,14 @@ class TritonAttention(AttentionBackend):
         if pool.device.type == "cuda":
             props = torch.cuda.get_device_properties(pool.device)
             self._num_sms = props.multi_processor_count
+            self._resident = stage1_resident(
+                props.multi_processor_count,
+                getattr(props, "regs_per_multiprocessor", 65536),
+                props.shared_memory_per_multiprocessor,
+                props.max_threads_per_multi_processor,
+            )
         elif triton.knobs.runtime.interpret:
-            self._num_sms = 4
+            self._num_sms, self._resident = 4, 5
         else:
             raise ValueError(
                 f"--attention-backend triton needs a CUDA device, not {pool.device.type}; "
@@ -61,7 +72,11 @@ class TritonAttention(AttentionBackend):
         self._is_decode = inputs.is_decode
         self._max_extend = int(extend.max()) if bsz else 0
         self._num_splits = decode_num_splits(
-            bsz, self.pool.spec.num_kv_heads, int(inputs.kv_slots.shape[1]), self._num_sms
+            bsz,
+            self.pool.spec.num_kv_heads,
+            int(inputs.kv_slots.shape[1]),
+            self._num_sms,
+            self._resident,
         )
         self._workspace: tuple[torch.Tensor, torch.Tensor] | None = None  # made by layer 0
 
@@ -109,7 +124,8 @@ class TritonAttention(AttentionBackend):
     def _graph_splits(self, bs: int, max_kv: int) -> int:
         # Chosen for the longest KV a request can have; each request then cuts its own length
         # into this many slices on the device, so short requests still spread over the SMs.
-        return decode_num_splits(bs, self.pool.spec.num_kv_heads, max_kv, self._num_sms)
+        heads = self.pool.spec.num_kv_heads
+        return decode_num_splits(bs, heads, max_kv, self._num_sms, self._resident)
 
     def init_cuda_graph(self, buffers: DecodeGraphBuffers, num_heads: int, head_dim: int) -> None:
         # Replays run one at a time on one stream, so one workspace sized for the largest
