@@ -388,6 +388,9 @@ def _check_backend() -> None:
     steps = [
         [(0, 13), (40, 9), (7, 1)],  # mixed: a fresh prompt, a prefill chunk, a decode
         [(20, 1), (3, 1), (0, 1)],  # decode; the last row is the padding dummy (slot 0)
+        # 12 x 2 KV heads = 24 programs on the interpreter's 4 SMs x 5: 1.2 waves at one split,
+        # so the wave rule takes 2 (a 20% tail costs a 30% wave).
+        [(70 + 5 * i, 1) for i in range(12)],
     ]
     for spans in steps:
         inputs, num_pages = step_inputs(spans, page_size, gen)
@@ -404,6 +407,8 @@ def _check_backend() -> None:
         tokens = int(inputs.extend_lens.sum())
         for backend in (triton_attn, torch_attn):
             backend.plan(inputs)
+        if len(spans) == 12:
+            assert triton_attn._num_splits == 2
         for layer in (0, 1):
             q = torch.randn(tokens, heads, head_dim, generator=gen)
             k = torch.randn(tokens, kv_heads, head_dim, generator=gen)
