@@ -41,11 +41,12 @@ class TritonAttention(AttentionBackend):
         if pool.device.type == "cuda":
             props = torch.cuda.get_device_properties(pool.device)
             self._num_sms = props.multi_processor_count
+            # getattr: older torch builds lack some of these (the defaults are an H100's).
             self._resident = stage1_resident(
                 props.multi_processor_count,
                 getattr(props, "regs_per_multiprocessor", 65536),
-                props.shared_memory_per_multiprocessor,
-                props.max_threads_per_multi_processor,
+                getattr(props, "shared_memory_per_multiprocessor", 233472),
+                getattr(props, "max_threads_per_multi_processor", 2048),
             )
         elif triton.knobs.runtime.interpret:
             self._num_sms, self._resident = 4, 5
