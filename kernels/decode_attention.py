@@ -167,13 +167,18 @@ _TAIL_FLOOR, _SPLIT_COST, _MAX_WAVE_SPLITS = 0.3, 0.025, 4
 
 
 def stage1_resident(
-    num_sms: int, regs_per_sm: int = 65536, smem_per_sm: int = 233472, threads_per_sm: int = 2048
+    regs_per_sm: int = 65536,
+    smem_per_sm: int = 233472,
+    threads_per_sm: int = 2048,
+    regs: int = _STAGE1_REGS,
+    smem: int = _STAGE1_SMEM,
 ) -> int:
-    """Stage-1 programs one SM holds at once (batch 32+ tile), from the card's limits; the
-    driver keeps 1 KB of shared memory per block."""
+    """Stage-1 programs one SM holds at once (batch 32+ tile, `regs` a thread and `smem` bytes
+    as compiled) under the card's limits (an H100's by default); the driver keeps 1 KB of shared
+    memory per block."""
     threads = _TILE["warps"] * 32
-    by_regs = regs_per_sm // (_STAGE1_REGS * threads)
-    by_smem = smem_per_sm // (_STAGE1_SMEM + 1024)
+    by_regs = regs_per_sm // (regs * threads)
+    by_smem = smem_per_sm // (smem + 1024)
     return max(1, min(by_regs, by_smem, threads_per_sm // threads))
 
 

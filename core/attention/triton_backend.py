@@ -43,7 +43,6 @@ class TritonAttention(AttentionBackend):
             self._num_sms = props.multi_processor_count
             # getattr: older torch builds lack some of these (the defaults are an H100's).
             self._resident = stage1_resident(
-                props.multi_processor_count,
                 getattr(props, "regs_per_multiprocessor", 65536),
                 getattr(props, "shared_memory_per_multiprocessor", 233472),
                 getattr(props, "max_threads_per_multi_processor", 2048),
