@@ -4,10 +4,9 @@ Every request has one new query token. Stage 1, grid (B, Hkv, num_splits): one p
 G = H / Hkv query heads that share one KV head (padded to >= 16 rows for tl.dot) and one slice of
 the request's KV positions, gathers K/V rows through `kv_slots`, and writes its partial softmax
 (normalised output and log2-sum-exp per head) to a fp32 workspace. KV is read once per group.
-Stage 2, grid (B, H): merges the splits. With one split, stage 1 writes the output itself and
-stage 2 does not run. Splitting is what lets batch 1 with 4k tokens of KV fill an H100's 132
-SMs; large batches already fill them and get 1-4 splits, whichever leaves the last wave of
-programs least idle (`decode_num_splits`).
+Stage 2, grid (B, H): merges the splits. Splitting is what lets batch 1 with 4k tokens of KV
+fill an H100's 132 SMs; large batches already fill them and get 1-4 splits, whichever leaves the
+last wave of programs least idle (`decode_num_splits`).
 
 Each request cuts its own KV length into `num_splits` slices (on the device), so a launch with a
 fixed `num_splits` suits any lengths: that is what a CUDA graph replays. With `kv_rows`, request
@@ -30,8 +29,6 @@ _TILE = {"block_n": 64, "warps": 4, "stages": 3}
 # warps, 2-4 stages, 1-4 splits), µs per layer, 2 stages vs 3: batch 64 70.1 vs 75.7 (3.95 vs
 # 3.65 TB/s), 128 141.1 vs 143.6, 256 under 282 vs 289.6. Smaller batches were not swept.
 _LARGE_BATCH, _LARGE_BATCH_STAGES = 32, 2
-# One split: stage 1 writes the output and stage 2 is skipped (False restores both stages, for A/B).
-_ONE_SPLIT_DIRECT = True
 
 
 @triton.jit
@@ -44,9 +41,6 @@ def _decode_stage1(
     kv_lens_ptr,
     mid_o_ptr,  # [B, H, S, D] fp32
     mid_lse_ptr,  # [B, H, S] fp32
-    out_ptr,  # [B, H, D]: written here instead of mid_o when DIRECT (one split)
-    stride_ob,
-    stride_oh,
     stride_qb,
     stride_qh,
     stride_pool_slot,
@@ -61,7 +55,6 @@ def _decode_stage1(
     BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
     HAS_ROWS: tl.constexpr,
-    DIRECT: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     if USE_PDL:  # see kernels/pdl.py: everything below may read what the last kernel wrote
@@ -114,19 +107,14 @@ def _decode_stage1(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
-    # An empty split (past this request's kv_len) reports lse = -inf and weighs nothing; with
-    # no KV at all (a padding row) the output is zeros, as stage 2 would make it.
+    # An empty split (past this request's kv_len) reports lse = -inf and weighs nothing.
     has_kv = l_i > 0
     out = acc / tl.where(has_kv, l_i, 1.0)[:, None]
-    mask_out = mask_g[:, None] & mask_d[None, :]
-    if DIRECT:  # one split: this is the final output, and stage 2 does not run
-        out_ptrs = out_ptr + req * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
-        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_out)
-    else:
-        lse = tl.where(has_kv, m_i + tl.log2(tl.where(has_kv, l_i, 1.0)), float("-inf"))
-        row = (req * tl.num_programs(1) * group + heads) * num_splits + split  # [G] in [B*H*S]
-        tl.store(mid_lse_ptr + row, lse, mask=mask_g)
-        tl.store(mid_o_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], out, mask=mask_out)
+    lse = tl.where(has_kv, m_i + tl.log2(tl.where(has_kv, l_i, 1.0)), float("-inf"))
+    row = (req * tl.num_programs(1) * group + heads) * num_splits + split  # [G] in [B*H*S]
+    tl.store(mid_lse_ptr + row, lse, mask=mask_g)
+    mid_ptrs = mid_o_ptr + row[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(mid_ptrs, out, mask=mask_g[:, None] & mask_d[None, :])
 
 
 @triton.jit
@@ -175,6 +163,9 @@ _STAGE1_REGS, _STAGE1_SMEM = 80, 38912
 # 408.1 / 393.8 / 401.7 / 406.3. A last wave under TAIL_FLOOR full takes as long as one that
 # full (too few programs to keep HBM busy); each extra split costs SPLIT_COST (q re-read, partial
 # results, shorter programs). Batch 96 at one split is 768 programs for 660 slots: a 16% tail.
+# In the engine (graph steps, same H100 process, 2026-12-07) the rule took batch 96 from 12.50 to
+# 11.72 ms and 256 from 21.93 to 21.40. Time attention with stage 2 or a product after it: back
+# to back with PDL, the next layer's stage 1 fills the tail and hides what this rule is for.
 _TAIL_FLOOR, _SPLIT_COST, _MAX_WAVE_SPLITS = 0.3, 0.025, 4
 
 
@@ -261,7 +252,6 @@ def decode_attention(
     assert mid_lse.shape == (batch, num_heads, num_splits) and mid_lse.is_contiguous()
     block_d = triton.next_power_of_2(head_dim)
     use_pdl = pdl.enabled(q)
-    direct = num_splits == 1 and _ONE_SPLIT_DIRECT
     _decode_stage1[(batch, num_kv_heads, num_splits)](
         q,
         k_pool,
@@ -271,9 +261,6 @@ def decode_attention(
         kv_lens,
         mid_o,
         mid_lse,
-        out,
-        out.stride(0),
-        out.stride(1),
         q.stride(0),
         q.stride(1),
         k_pool.stride(0),
@@ -288,14 +275,11 @@ def decode_attention(
         BLOCK_N=block_n,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         HAS_ROWS=kv_rows is not None,
-        DIRECT=direct,
         USE_PDL=use_pdl,
         num_warps=_TILE["warps"],
         num_stages=_LARGE_BATCH_STAGES if batch >= _LARGE_BATCH else _TILE["stages"],
         **pdl.launch_options(use_pdl),
     )
-    if direct:
-        return out
     _decode_stage2[(batch, num_heads)](
         mid_o,
         mid_lse,

@@ -41,10 +41,9 @@ def test_small_batches_keep_about_two_programs_per_sm_and_short_kv_caps_splits()
     assert da.decode_num_splits(96, 8, 64, H100_SMS) == 1  # one block: nothing to split
 
 
-def _stage1_for_sm90(direct: bool) -> tuple[int, int]:
+def _stage1_for_sm90() -> tuple[int, int]:
     """(registers a thread, shared bytes) of stage 1 at batch 32+, compiled for sm_90 here as a
-    bf16 Llama-3-8B launch specialises it (16-byte aligned pointers and strides); `direct`: the
-    one-split build that writes the output itself."""
+    bf16 Llama-3-8B launch specialises it (16-byte aligned pointers and strides)."""
     import os
     import re
     import subprocess
@@ -57,14 +56,13 @@ def _stage1_for_sm90(direct: bool) -> tuple[int, int]:
     tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
     if not os.path.exists(tool):
         pytest.skip("this Triton ships no cuobjdump")
-    names = ["q", "k_pool", "v_pool", "slots", "rows", "kv_lens", "mid_o", "mid_lse", "out"]
-    kinds = ["*bf16"] * 3 + ["*i32"] * 3 + ["*fp32"] * 2 + ["*bf16"]
+    names = ["q", "k_pool", "v_pool", "slots", "rows", "kv_lens", "mid_o", "mid_lse"]
+    kinds = ["*bf16"] * 3 + ["*i32"] * 3 + ["*fp32"] * 2
     sig = {f"{n}_ptr": t for n, t in zip(names, kinds, strict=True)}
-    sig |= {"stride_ob": "i32", "stride_oh": "i32"}
     strides = ["stride_qb", "stride_qh", "stride_pool_slot", "stride_pool_head", "stride_slots"]
     sig |= dict.fromkeys(strides, "i32") | {"qk_scale": "fp32", "num_splits": "i32", "group": "i32"}
     consts = {"HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_G": 16, "BLOCK_N": da._TILE["block_n"]}
-    consts |= {"PRECISION": "tf32", "HAS_ROWS": True, "DIRECT": direct, "USE_PDL": True}
+    consts |= {"PRECISION": "tf32", "HAS_ROWS": True, "USE_PDL": True}
     sig |= dict.fromkeys(consts, "constexpr")
     order = list(sig)
     aligned = [i for i, n in enumerate(order) if n.endswith("_ptr") or n.startswith("stride")]
@@ -88,12 +86,6 @@ def _stage1_for_sm90(direct: bool) -> tuple[int, int]:
 
 def test_the_wave_models_programs_per_sm_are_those_of_the_compiled_kernel() -> None:
     """The occupancy `stage1_resident` assumes (from _STAGE1_REGS / _STAGE1_SMEM) is what the
-    shipped tile compiles to for an H100, with one split or several, so a tile change cannot
-    silently skew the split rule."""
-    for direct in (False, True):
-        regs, smem = _stage1_for_sm90(direct)
-        assert da.stage1_resident(regs=regs, smem=smem) == da.stage1_resident(), (
-            direct,
-            regs,
-            smem,
-        )
+    shipped tile compiles to for an H100, so a tile change cannot silently skew the split rule."""
+    regs, smem = _stage1_for_sm90()
+    assert da.stage1_resident(regs=regs, smem=smem) == da.stage1_resident(), (regs, smem)

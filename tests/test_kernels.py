@@ -304,7 +304,7 @@ DECODE_CASES = {
     # name: (page_size, heads, kv_heads, head_dim, kv_lens, num_splits)
     "p1_gqa3": (1, 6, 2, 32, [1, 70, 200, 33], None),
     "p4_gqa4_d48_splits7": (4, 8, 2, 48, [5, 129, 64, 1], 7),
-    "p2_gqa4_one_split": (2, 8, 2, 32, [5, 129, 64, 1], 1),  # stage 1 writes the output
+    "p2_gqa4_one_split": (2, 8, 2, 32, [5, 129, 64, 1], 1),  # batch 64 / 128's launch on an H100
     "p16_mha_b1": (16, 4, 4, 32, [300], None),
 }
 
