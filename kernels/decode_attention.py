@@ -163,9 +163,9 @@ _STAGE1_REGS, _STAGE1_SMEM = 80, 38912
 # 408.1 / 393.8 / 401.7 / 406.3. A last wave under TAIL_FLOOR full takes as long as one that
 # full (too few programs to keep HBM busy); each extra split costs SPLIT_COST (q re-read, partial
 # results, shorter programs). Batch 96 at one split is 768 programs for 660 slots: a 16% tail.
-# In the engine (graph steps, same H100 process, 2026-12-07) the rule took batch 96 from 12.50 to
-# 11.72 ms and 256 from 21.93 to 21.40. Time attention with stage 2 or a product after it: back
-# to back with PDL, the next layer's stage 1 fills the tail and hides what this rule is for.
+# In the engine (graph steps, one H100 process, 2026-12-07) the rule took batch 96 from 12.50 to
+# 11.67-11.76 ms and 256 from 21.93 to 21.21-21.43. Time attention with stage 2 or a product after
+# it: back to back with PDL, the next layer's stage 1 fills the tail and hides what it is for.
 _TAIL_FLOOR, _SPLIT_COST, _MAX_WAVE_SPLITS = 0.3, 0.025, 4
 
 
