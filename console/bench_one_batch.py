@@ -4,7 +4,9 @@ For every batch size: one prefill of batch x input-len tokens (in --chunked-pref
 then decode steps alternating between the captured CUDA graph and eager execution, in the same
 process on the same requests, so the graph speed-up is a ratio measured side by side. A step is
 timed from the runner's call to its one host sync (inputs, forward, sampling); scheduling is
-not. On CUDA the prefill's FLOP rate is set against a bf16 matmul measured in the same process.
+not. Its host part, the time to queue the step (`ModelRunner.launch`), is timed as well: where it
+is most of the step, the step is bound by kernel launches, the part a CUDA graph removes. On
+CUDA the prefill's FLOP rate is set against a bf16 matmul measured in the same process.
 """
 
 from __future__ import annotations
@@ -68,6 +70,10 @@ class OneBatchResult:
     # speculative verify pass with k tokens per request (the last token + k - 1 drafts):
     # k -> (median ms, replayed a graph)
     verify: dict[int, tuple[float, bool]] = field(default_factory=dict)
+    # median host time to queue a decode step (ModelRunner.launch), before its host sync; on a
+    # CPU the step's compute runs inside it, so there it is nearly the whole step
+    eager_launch_ms: float = 0.0
+    graph_launch_ms: float | None = None
 
 
 class Runtime:
@@ -112,15 +118,21 @@ class Runtime:
     def has_graphs(self) -> bool:
         return self.runner.graphs is not None
 
-    def step(self, batch: ScheduledBatch, use_cuda_graph: bool = True) -> tuple[StepOutput, float]:
-        started = time.perf_counter()
-        out = self.runner.forward(batch, use_cuda_graph)  # returns after its host sync
-        seconds = time.perf_counter() - started
+    def step(
+        self, batch: ScheduledBatch, use_cuda_graph: bool = True
+    ) -> tuple[StepOutput, float, float]:
+        """Run one step: (its output, seconds to its host sync, seconds to queue it)."""
+        with torch.inference_mode():  # as ModelRunner.forward, which is launch + collect
+            started = time.perf_counter()
+            pending = self.runner.launch(batch, use_cuda_graph)
+            queued = time.perf_counter() - started
+            out = self.runner.collect(pending)  # returns after the step's one host sync
+            seconds = time.perf_counter() - started
         for chunk, token in zip(batch.chunks, out.tokens, strict=True):
             chunk.req.num_computed = chunk.end
             if token is not None:
                 chunk.req.output_ids.append(token)
-        return out, seconds
+        return out, seconds, queued
 
 
 def prefill_flops(runtime: Runtime, batch_size: int, input_len: int) -> float:
@@ -206,14 +218,16 @@ def run_batch(
     assert batch is not None and batch.batch_size == batch_size, "every request must decode"
     modes = [True, False] if runtime.has_graphs else [False]
     times: dict[bool, list[float]] = {True: [], False: []}
+    launches: dict[bool, list[float]] = {True: [], False: []}
     graph_out: StepOutput | None = None
     reads = StepReads(runtime.loaded.model, kv_bytes_per_position(runtime.pool.spec))
     step_bytes: list[int] = []
     for step in range(output_len * len(modes)):
         use_graph = modes[step % len(modes)]  # alternate: both modes see the same KV lengths
         step_bytes.append(reads.of_batch(batch))
-        out, seconds = runtime.step(batch, use_graph)
+        out, seconds, queued = runtime.step(batch, use_graph)
         times[use_graph].append(seconds)
+        launches[use_graph].append(queued)
         if use_graph:
             graph_out = out
         batch = scheduler.schedule()
@@ -238,6 +252,8 @@ def run_batch(
         padded_bs=graph_out.padded_bs if graph_out is not None else batch_size,
         decode_bytes=round(statistics.median(step_bytes)),
         verify=verify,
+        eager_launch_ms=statistics.median(launches[False]) * 1e3,
+        graph_launch_ms=statistics.median(launches[True]) * 1e3 if launches[True] else None,
     )
 
 
@@ -309,6 +325,14 @@ def bench_one_batch(
     return results
 
 
+# What an eager step's host time means on each kind of device (the table's caption).
+_HOST_NOTE = {
+    True: "its kernels' launches: near the step's own time, launches bound the step (CUDA graphs "
+    "remove that part)",
+    False: "which on a CPU includes the step's compute",
+}
+
+
 def decode_read_rate(r: OneBatchResult) -> float:
     """Bytes per second the faster decode mode read: graph steps where they ran, else eager."""
     ms = r.graph_step_ms if r.cuda_graph and r.graph_step_ms is not None else r.eager_step_ms
@@ -347,14 +371,16 @@ def _table(
             tflops,
             graph[0],
             graph[1],
-            f"{r.eager_step_ms:.2f}",
+            f"{r.eager_step_ms:.2f} (host {r.eager_launch_ms:.2f})",
             f"{r.eager_tok_s:.0f}",
             graph[2],
             read_cell(decode_read_rate(r) / 1e9, copy / 1e9),
         )
+    host_note = _HOST_NOTE[runtime.runner.device.type == "cuda"]
     caption = (
         "read GB/s: the weights and attended KV a decode step must read, over its time (the "
-        "faster mode); in brackets, its share of the memory copy rate. Measured in this process: "
+        "faster mode); in brackets, its share of the memory copy rate. host: the time to queue an "
+        f"eager step, {host_note}. Measured in this process: "
         f"copy {copy / 1e9:,.1f} GB/s (read + write)"
     )
     table.caption = caption + (f", bf16 matmul {rate:.0f} TFLOP/s" if rate else "")

@@ -30,8 +30,11 @@ def test_one_batch_reports_prefill_and_eager_decode_per_batch_size(tmp_path: Pat
         expected = row["batch_size"] * 20 / row["prefill_s"]
         assert abs(row["prefill_tok_s"] - expected) < 1e-6 * expected
         assert abs(row["eager_tok_s"] * row["eager_step_ms"] / 1e3 - row["batch_size"]) < 1e-6
+        # The host's part of a step is timed within the step: queueing it cannot take longer.
+        assert 0 < row["eager_launch_ms"] <= row["eager_step_ms"]
         # CPU: no graphs, and the row says so rather than inventing a figure.
         assert row["graph_step_ms"] is None and row["cuda_graph"] is False
+        assert row["graph_launch_ms"] is None
         assert row["attention_backend"] == "torch" and row["model"] == "tiny-llama"
         assert row["copy_gb_per_s"] > 0.1
     # What a decode step reads, from tiny-llama's shape (fp32): hidden 64, intermediate 128,
@@ -45,6 +48,8 @@ def test_one_batch_reports_prefill_and_eager_decode_per_batch_size(tmp_path: Pat
         bs = row["batch_size"]
         assert row["decode_bytes"] == 4 * (weights + bs * 64 + bs * 22 * kv_position)
     assert "read GB/s" in result.stdout and "memory copy rate" in " ".join(result.stdout.split())
+    words = " ".join(result.stdout.split())
+    assert "(host " in words and "on a CPU includes the step's compute" in words
 
 
 def test_one_batch_rejects_a_batch_that_cannot_fit(tmp_path: Path) -> None:
