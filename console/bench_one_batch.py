@@ -327,8 +327,8 @@ def bench_one_batch(
 
 # What an eager step's host time means on each kind of device (the table's caption).
 _HOST_NOTE = {
-    True: "its kernels' launches: near the step's own time, launches bound the step (CUDA graphs "
-    "remove that part)",
+    True: "i.e. launching its kernels; near the step's own time, launches bound the step (CUDA "
+    "graphs remove that part)",
     False: "which on a CPU includes the step's compute",
 }
 
