@@ -325,14 +325,6 @@ def bench_one_batch(
     return results
 
 
-# What an eager step's host time means on each kind of device (the table's caption).
-_HOST_NOTE = {
-    True: "i.e. launching its kernels; near the step's own time, launches bound the step (CUDA "
-    "graphs remove that part)",
-    False: "which on a CPU includes the step's compute",
-}
-
-
 def decode_read_rate(r: OneBatchResult) -> float:
     """Bytes per second the faster decode mode read: graph steps where they ran, else eager."""
     ms = r.graph_step_ms if r.cuda_graph and r.graph_step_ms is not None else r.eager_step_ms
@@ -376,7 +368,11 @@ def _table(
             graph[2],
             read_cell(decode_read_rate(r) / 1e9, copy / 1e9),
         )
-    host_note = _HOST_NOTE[runtime.runner.device.type == "cuda"]
+    if runtime.runner.device.type == "cuda":
+        host_note = "i.e. launching its kernels; near the step's own time, launches bound the step"
+        host_note += " (CUDA graphs remove that part)"
+    else:
+        host_note = "which on a CPU includes the step's compute"
     caption = (
         "read GB/s: the weights and attended KV a decode step must read, over its time (the "
         "faster mode); in brackets, its share of the memory copy rate. host: the time to queue an "

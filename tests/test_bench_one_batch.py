@@ -47,8 +47,8 @@ def test_one_batch_reports_prefill_and_eager_decode_per_batch_size(tmp_path: Pat
     for row in rows:
         bs = row["batch_size"]
         assert row["decode_bytes"] == 4 * (weights + bs * 64 + bs * 22 * kv_position)
-    assert "read GB/s" in result.stdout and "memory copy rate" in " ".join(result.stdout.split())
     words = " ".join(result.stdout.split())
+    assert "read GB/s" in words and "memory copy rate" in words
     assert "(host " in words and "on a CPU includes the step's compute" in words
 
 
